@@ -1,0 +1,122 @@
+"""Pruned checkpoints: safetensors weights + config + tokenizer + ``plan.json``.
+
+A pruned model whose kept layers all have the same shape is also a plain Hugging Face
+checkpoint (its config says the pruned sizes). One whose layers differ (per-layer head
+counts or FFN widths) is rebuilt from the plan: the full-size architecture is built from
+the config, shrunk to the planned shapes, then the weights are loaded. Either way
+``load_model(dir)`` gives identical logits. The directory is written atomically.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import atomic
+from ..adapters import PrunePlan, get_adapter
+
+PLAN_FILE = "plan.json"
+
+
+def _uniform_sizes(plan: PrunePlan):
+    shapes = {(len(lp.q_heads), len(lp.kv_heads), len(lp.ffn_channels)) for lp in plan.layers}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """Save ``model`` (pruned or not) to ``directory`` atomically; returns the path."""
+    adapter = get_adapter(model)
+    plan = adapter.plan
+    directory = Path(directory)
+    config = copy.deepcopy(model.config)
+    uniform = _uniform_sizes(plan)
+    if uniform is not None:
+        # Every kept layer has the same shape: say so in the config, so plain
+        # ``AutoModelForCausalLM.from_pretrained`` can load the directory too.
+        n_q, n_kv, inter = uniform
+        if n_q != config.num_attention_heads:
+            config.head_dim = adapter.head_dim
+            config.num_attention_heads = n_q
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = n_kv
+        if hasattr(config, "intermediate_size"):
+            config.intermediate_size = inter
+        elif hasattr(config, "ffn_dim"):
+            config.ffn_dim = inter
+        if config.model_type == "opt" and n_q != plan.orig_num_heads:
+            uniform = None  # OPT derives head_dim from hidden/num_heads: needs the plan
+    record = plan.to_dict()
+    record["hf_loadable"] = uniform is not None
+    if extra:
+        record.update(extra)
+    with atomic.atomic_directory(directory) as tmp:
+        original = model.config
+        model.config = config if uniform is not None else original
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.config = original
+        if not uniform:
+            original.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        atomic.write_json(tmp / PLAN_FILE, record)
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Rebuild a model saved by :func:`save_model` from its config, plan and weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / PLAN_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt plan file {directory / PLAN_FILE}: {exc}") from exc
+    plan = PrunePlan.from_dict(record)
+    if record.get("hf_loadable"):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model._fedprune_plan = plan
+        return model
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = get_adapter(model)
+    adapter.apply_plan_shapes(plan)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except Exception as exc:
+            raise ValueError(f"corrupt weights file {f}: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"weights in {directory} do not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    _materialise_buffers(model, config, dtype)
+    model._fedprune_plan = plan
+    return model.to(dtype)
+
+
+def _materialise_buffers(model, config, dtype):
+    """Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them."""
+    for name, mod in model.named_modules():
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            if hasattr(mod, "rope_init_fn") or "rotary" in name:
+                fresh = type(mod)(config=config)
+                for bname, buf in fresh.named_buffers(recurse=False):
+                    setattr(mod, bname, buf) if bname not in mod._buffers else mod._buffers.__setitem__(bname, buf)
+            else:
+                for bname, buf in list(mod._buffers.items()):
+                    if buf is not None and buf.is_meta:
+                        mod._buffers[bname] = torch.zeros(buf.shape, dtype=buf.dtype)
