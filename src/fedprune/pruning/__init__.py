@@ -1,0 +1,130 @@
+"""Post-training structured pruning: COMP and its peers, behind one ``prune`` call.
+
+A method is a function ``fn(adapter, calib_ids, ratio, **options) -> report`` that prunes
+``adapter.model`` in place, registered by name in :data:`PRUNERS`. Scoring (``criteria``),
+surgery (the adapters), recovery (``mask_tuning``) and orchestration (``methods``) are
+kept apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from ..adapters import get_adapter
+from ..registry import Registry
+from .budget import check_ratio
+
+log = logging.getLogger(__name__)
+
+PRUNERS: Registry[Callable[..., dict[str, Any]]] = Registry("pruning method")
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    method: str
+    ratio: float
+    achieved_ratio: float
+    params_before: int
+    params_after: int
+    wall_time_s: float
+    peak_rss_bytes: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "report")}
+        d["report"] = self.report
+        return d
+
+
+def _register_builtin() -> None:
+    if "comp" in PRUNERS:
+        return
+    from .methods.comp import CompOptions, comp_prune
+
+    def comp(adapter, ids, ratio, **options):
+        return comp_prune(adapter, ids, ratio, CompOptions(**options))
+
+    PRUNERS.register("comp", comp)
+    try:
+        from .methods import peers  # noqa: F401  (registers the peer methods)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def available_methods() -> list[str]:
+    _register_builtin()
+    return PRUNERS.names()
+
+
+def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:
+    from ..data import calibration_samples
+
+    return calibration_samples(tokenizer, corpus=corpus, nsamples=nsamples, seq_len=seq_len, seed=seed,
+                               data_dir=data_dir)
+
+
+def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, calibration: str = "c4",
+          nsamples: int = 128, seq_len: int = 512, seed: int = 0, calib_ids: torch.Tensor | None = None,
+          data_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+          **options) -> PruneResult:
+    """Prune ``model`` in place with ``method`` to remove ``ratio`` of its parameters.
+
+    Calibration: ``calib_ids`` (``[N, L]`` token ids) if given, else ``nsamples`` windows of
+    ``seq_len`` tokens drawn with ``seed`` from ``calibration`` (needs ``tokenizer``).
+    ``options`` go to the method (e.g. ``layer_fraction=0.25, neuron_metric="mask_lsq"`` for COMP).
+    If ``output`` is given, the pruned model (and tokenizer) is saved there with its plan.
+    """
+    _register_builtin()
+    ratio = check_ratio(ratio)
+    fn = PRUNERS.get(method)
+    adapter = get_adapter(model)
+    if calib_ids is None:
+        if tokenizer is None:
+            raise ValueError("prune() needs calib_ids or a tokenizer to draw calibration samples")
+        calib_ids = get_calibration(tokenizer, calibration, nsamples, seq_len, seed, data_dir)
+    torch.manual_seed(seed)
+    before = adapter.num_parameters()
+    proc = psutil.Process()
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    report = fn(adapter, calib_ids, ratio, **options)
+    model.train(was_training)
+    wall = time.perf_counter() - t0
+    after = adapter.num_parameters()
+    achieved = 1.0 - after / before
+    peak = _peak_rss(proc)
+    log.info("%s: removed %.2f%% of parameters (asked %.2f%%) in %.1fs", method, 100 * achieved, 100 * ratio, wall)
+    result = PruneResult(model, method, ratio, achieved, before, after, wall, peak, report)
+    if output is not None:
+        from ..models import save_model
+
+        save_model(model, output, tokenizer=tokenizer,
+                   extra={"pruning": {k: v for k, v in result.summary().items() if k != "report"},
+                          "calibration": {"corpus": calibration if calib_ids is None else "given",
+                                          "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
+                                          "seed": seed}, "options": {k: str(v) for k, v in options.items()}})
+    return result
+
+
+def _peak_rss(proc: psutil.Process) -> int:
+    """Peak resident set size of this process so far (Linux ``VmHWM``), else current RSS."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return proc.memory_info().rss
+
+
+__all__ = ["PRUNERS", "PruneResult", "prune", "available_methods"]

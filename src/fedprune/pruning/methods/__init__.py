@@ -1,0 +1,1 @@
+"""Pruning methods, registered by name in ``fedprune.pruning.PRUNERS``."""

@@ -1,0 +1,281 @@
+"""COMP: post-training hybrid-granularity structured pruning (arXiv 2501.15255).
+
+1. Coarse: score decoder layers (Block Influence, ``BI_i = 1 - mean_t cos(x_i, x_{i+1})``,
+   or SLEB-style iterative calibration-loss removal) and remove the least important whole
+   layers, taking ``layer_fraction`` of the parameter budget.
+2. Fine: inside every remaining layer, one layer at a time and first to last, rank
+   attention heads (GQA-aware: the same number of query heads leaves every KV group) and
+   FFN channels by a matrix-condition-number-based criterion (``criteria.neuron``) computed
+   on the *pruned* model's own inputs, and remove the lowest.
+3. Recover by mask tuning (``mask_tuning``): per layer, closed-form damped least squares of
+   one scale per kept head / channel so the pruned layer reproduces the *dense* model's
+   output; scales are folded into ``o_proj`` / ``down_proj``. No gradient is taken.
+
+Memory: two ``N x L x d`` hidden-state streams (dense and pruned) plus the dense layer's
+post-attention residual and output for the current layer, one ``k x k`` system at a time.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...adapters import DecoderAdapter
+from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets
+from ..criteria.layer import block_influence
+from ..criteria.neuron import NEURON_CRITERIA, removal_order
+from ..layerwise import capture_layer0_inputs, final_logits_nll, hooks, run_layer
+from ..mask_tuning import fold_column_scales, solve_mask
+from ..stats import GramAccumulator, flat_tokens, linear_bias
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompOptions:
+    """Options of COMP (see module docstring)."""
+
+    layer_fraction: float | str = 0.25
+    """Share of the removed parameters taken by whole layers, in [0, 1], or ``"auto"`` (picked by calibration NLL)."""
+    n_layers: int | None = None
+    """Remove exactly this many whole layers (overrides ``layer_fraction``)."""
+    layer_metric: str = "bi"
+    """``bi`` (Block Influence) or ``sleb`` (iterative calibration-loss removal)."""
+    neuron_metric: str = "mask_lsq"
+    """One of ``criteria.neuron.NEURON_CRITERIA``."""
+    mask_tuning: bool = True
+    head_sparsity: float | None = None
+    """Fraction of query heads removed per KV group; ``None``: same as the layer's sparsity; 0: no head pruning."""
+    damp: float = 0.01
+    batch_size: int = 8
+    auto_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    auto_nsamples: int = 16
+
+    def __post_init__(self):
+        if self.layer_fraction != "auto" and not 0.0 <= float(self.layer_fraction) <= 1.0:
+            raise ValueError(f"layer_fraction must be in [0, 1] or 'auto', got {self.layer_fraction!r}")
+        if self.layer_metric not in ("bi", "sleb"):
+            raise ValueError(f"layer_metric must be 'bi' or 'sleb', got {self.layer_metric!r}")
+        NEURON_CRITERIA.get(self.neuron_metric)  # raises with the known names
+
+
+@torch.no_grad()
+def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time."""
+    inp = capture_layer0_inputs(adapter, ids, batch_size)
+    x, scores = inp.hidden, []
+    for layer in tqdm(adapter.layers, desc="block influence", leave=False):
+        y = run_layer(layer, x, inp.kwargs, batch_size)
+        scores.append(block_influence(x, y))
+        x = y
+    return scores
+
+
+@torch.no_grad()
+def calibration_nll(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> float:
+    out = adapter.model(input_ids=ids, labels=ids, use_cache=False) if ids.shape[0] <= batch_size else None
+    if out is not None:
+        return float(out.loss)
+    tot = 0.0
+    for i in range(0, ids.shape[0], batch_size):
+        b = ids[i:i + batch_size]
+        tot += float(adapter.model(input_ids=b, labels=b, use_cache=False).loss) * b.shape[0]
+    return tot / ids.shape[0]
+
+
+@torch.no_grad()
+def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8) -> list[int]:
+    """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices."""
+    model = adapter.model
+    alive = list(range(adapter.num_layers))
+    all_layers = list(adapter.layers)
+    removed: list[int] = []
+    n_cfg = model.config.num_hidden_layers
+    try:
+        for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
+            best, best_nll = None, float("inf")
+            for cand in alive:
+                trial = [all_layers[i] for i in alive if i != cand]
+                adapter._set_layers(trial)
+                model.config.num_hidden_layers = len(trial)
+                nll = calibration_nll(adapter, ids, batch_size)
+                if nll < best_nll:
+                    best, best_nll = cand, nll
+            alive.remove(best)
+            removed.append(best)
+    finally:
+        adapter._set_layers(all_layers)
+        model.config.num_hidden_layers = n_cfg
+    return sorted(removed)
+
+
+def _choose_heads(adapter: DecoderAdapter, layer, scores: torch.Tensor, target: LayerTarget) -> list[int] | None:
+    """Query heads to keep: drop the lowest ``heads_per_group`` of every KV group (GQA) or the lowest heads (MHA)."""
+    nh, g = adapter.num_heads(layer), adapter.group_size(layer)
+    if target.heads_per_group == 0 and target.groups == 0:
+        return None
+    if g == 1:
+        drop = torch.argsort(scores)[: target.groups].tolist()
+        return [h for h in range(nh) if h not in drop]
+    keep = []
+    for grp in range(nh // g):
+        heads = list(range(grp * g, (grp + 1) * g))
+        order = sorted(heads, key=lambda h: float(scores[h]))
+        keep += sorted(order[target.heads_per_group:])
+    return sorted(keep)
+
+
+def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torch.Tensor:
+    return NEURON_CRITERIA.get(criterion)(stats, n_remove, damp)
+
+
+@torch.no_grad()
+def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_layers: list[int],
+                            targets: list[LayerTarget], opts: CompOptions, dense_layers: list) -> dict[str, Any]:
+    """Fine step + mask tuning over the kept layers, one layer at a time (module docstring)."""
+    inp = capture_layer0_inputs(adapter, ids, opts.batch_size)
+    kw, bs = inp.kwargs, opts.batch_size
+    x_dense = inp.hidden
+    x_pruned = inp.hidden.clone()
+    hd = adapter.head_dim
+    report: list[dict[str, Any]] = []
+    kept_pos = 0
+    for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
+        if orig_i in removed_layers:
+            x_dense = run_layer(dense_layer, x_dense, kw, bs)  # the dense stream still passes through it
+            continue
+        layer = dense_layer  # the same module: kept layers are pruned in place
+        tgt = targets[kept_pos]
+        entry: dict[str, Any] = {"layer": orig_i}
+        # -- dense targets: post-attention residual and output of the unpruned layer
+        o = adapter.o_proj(layer)
+        mids = []
+        with hooks([(o, lambda m, i, out: mids.append(out.detach()))]):
+            y_dense = run_layer(layer, x_dense, kw, bs)
+        mid_dense = x_dense + torch.cat(mids)
+        # -- attention heads
+        if tgt.heads_per_group or tgt.groups:
+            acc = GramAccumulator(adapter.num_heads(layer))
+            for b in range(0, x_pruned.shape[0], bs):
+                xb = x_pruned[b:b + bs]
+                eb = flat_tokens(mid_dense[b:b + bs] - xb) - linear_bias(o)
+                with hooks([(o, lambda m, i, out: acc.add_heads(flat_tokens(i[0]), m.weight, eb, hd))]):
+                    run_layer(layer, xb, kw, bs)
+            st = acc.unit_stats_heads()
+            n_rm = tgt.heads_per_group * adapter.num_kv_heads(layer) if adapter.group_size(layer) > 1 else tgt.groups
+            scores = _head_rank_scores(opts.neuron_metric, st, n_rm, opts.damp)
+            keep = _choose_heads(adapter, layer, scores, tgt)
+            adapter.prune_heads(kept_pos, keep)
+            entry["heads_kept"] = len(keep)
+            if opts.mask_tuning:
+                idx = torch.as_tensor(keep)
+                sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, opts.damp)
+                if sol.accepted:
+                    fold_column_scales(adapter.o_proj(layer), sol.scales, group=hd)
+                entry["heads_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
+                                       "err_before": sol.error_before, "err_after": sol.error_after}
+        # -- FFN channels
+        if tgt.channels:
+            down = adapter.ffn_out(layer)
+            acc = GramAccumulator(adapter.intermediate_size(layer))
+            for b in range(0, x_pruned.shape[0], bs):
+                xb = x_pruned[b:b + bs]
+                cap: dict[str, torch.Tensor] = {}
+
+                def grab(m, i, out):
+                    cap["h"], cap["f"] = flat_tokens(i[0]).detach(), flat_tokens(out).detach()
+
+                with hooks([(down, grab)]):
+                    yb = run_layer(layer, xb, kw, bs)
+                eb = flat_tokens(y_dense[b:b + bs] - yb) + cap["f"] - linear_bias(down)
+                acc.add_channels(cap["h"], down.weight, eb)
+            st = acc.unit_stats_channels(down.weight)
+            drop = set(removal_order(opts.neuron_metric, st, tgt.channels, opts.damp))
+            keep = [c for c in range(acc.k) if c not in drop]
+            adapter.prune_ffn_channels(kept_pos, keep)
+            entry["channels_kept"] = len(keep)
+            if opts.mask_tuning:
+                idx = torch.as_tensor(keep)
+                sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, opts.damp)
+                if sol.accepted:
+                    fold_column_scales(adapter.ffn_out(layer), sol.scales)
+                entry["ffn_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
+                                     "err_before": sol.error_before, "err_after": sol.error_after}
+        x_pruned = run_layer(layer, x_pruned, kw, bs)
+        x_dense = y_dense
+        del mid_dense, mids
+        report.append(entry)
+        kept_pos += 1
+    return {"layers": report}
+
+
+def _select_layers(adapter: DecoderAdapter, ids: torch.Tensor, n_layers: int, opts: CompOptions) -> tuple[list[int], list[float] | None]:
+    if n_layers <= 0:
+        return [], None
+    if n_layers >= adapter.num_layers:
+        raise ValueError(f"cannot remove {n_layers} of {adapter.num_layers} layers")
+    if opts.layer_metric == "sleb":
+        return sleb_removal(adapter, ids, n_layers, opts.batch_size), None
+    bi = block_influence_scores(adapter, ids, opts.batch_size)
+    return sorted(int(i) for i in torch.argsort(torch.tensor(bi))[:n_layers]), bi
+
+
+def comp_prune(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: CompOptions) -> dict[str, Any]:
+    """Prune ``adapter.model`` in place to remove ``ratio`` of its parameters. Returns a report."""
+    check_ratio(ratio)
+    if opts.layer_fraction == "auto":
+        frac, trials = choose_layer_fraction(adapter, ids, ratio, opts)
+        opts = copy.replace(opts, layer_fraction=frac) if hasattr(copy, "replace") else CompOptions(
+            **{**opts.__dict__, "layer_fraction": frac})
+    else:
+        trials = None
+    total = adapter.num_parameters()
+    budget = ratio * total
+    if opts.n_layers is not None:
+        n_layers = int(opts.n_layers)
+        layer_budget = sum(module_params(l) for l in adapter.layers) / adapter.num_layers * n_layers
+        if n_layers >= adapter.num_layers or layer_budget > budget * 1.0001 + 1:
+            raise ValueError(f"n_layers={n_layers} is more than the model's {adapter.num_layers} layers allow "
+                             f"at ratio {ratio}")
+    else:
+        n_layers = min(layers_for_params(adapter, float(opts.layer_fraction) * budget), adapter.num_layers - 1)
+    removed, bi = _select_layers(adapter, ids, n_layers, opts)
+    dense_layers = list(adapter.layers)
+    layer_params = sum(module_params(adapter.layers[i]) for i in removed)
+    kept = [i for i in range(adapter.num_layers) if i not in removed]
+    adapter.remove_layers(removed)
+    targets = neuron_targets(adapter, list(range(len(kept))), int(budget - layer_params), opts.head_sparsity)
+    fine = prune_neurons_layerwise(adapter, ids, removed, targets, opts, dense_layers)
+    return {"removed_layers": removed, "block_influence": bi, "layer_fraction": float(opts.layer_fraction),
+            "auto_trials": trials, **fine}
+
+
+def choose_layer_fraction(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float,
+                          opts: CompOptions) -> tuple[float, list[dict[str, float]]]:
+    """Pick the layer fraction with the lowest held-out calibration NLL.
+
+    Each candidate prunes a copy of the model with ``auto_nsamples`` calibration samples and is
+    scored on other calibration samples (held out from that fit). Costs one model copy.
+    """
+    n = max(2, min(opts.auto_nsamples, ids.shape[0] // 2))
+    fit, held = ids[:n], ids[n:2 * n]
+    trials = []
+    for frac in opts.auto_candidates:
+        trial_model = copy.deepcopy(adapter.model)
+        from ...adapters import get_adapter
+
+        ta = get_adapter(trial_model)
+        try:
+            comp_prune(ta, fit, ratio, CompOptions(**{**opts.__dict__, "layer_fraction": frac}))
+            nll = calibration_nll(ta, held, opts.batch_size)
+        except ValueError as exc:  # e.g. a layer would lose every channel
+            log.info("layer fraction %.2f infeasible: %s", frac, exc)
+            nll = float("inf")
+        trials.append({"layer_fraction": frac, "calibration_nll": nll})
+        del trial_model, ta
+    best = min(trials, key=lambda t: t["calibration_nll"])
+    return float(best["layer_fraction"]), trials
