@@ -1,0 +1,158 @@
+"""Federated data: Dolly-15k partitions, prompt formatting, completion-only tokenisation.
+
+Partitions (each a list of per-client record lists; a record has instruction, context,
+response, category):
+- ``shepherd``: the FedIT/Shepherd 10-client split by category, read as published;
+- ``dirichlet``: the union of those files re-partitioned over N clients, each category's
+  records split with proportions drawn from Dirichlet(alpha) (small alpha = more skew);
+- ``iid``: the union shuffled and dealt round-robin.
+The held-out set is always ``global_test.json`` (80 records, 10 per category).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..settings import data_dir
+
+DOLLY_DIR = "dolly-15k-shepherd-10clients"
+CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
+              "information_extraction", "open_qa", "summarization")
+IGNORE_INDEX = -100
+
+PROMPT_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+PROMPT_NO_CONTEXT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def dolly_dir(override: str | None = None) -> Path:
+    d = data_dir(override) / DOLLY_DIR
+    if not (d / "global_test.json").exists():
+        raise FileNotFoundError(
+            f"Dolly-15k Shepherd split not found at {d}; set $FEDPRUNE_DATA (or --data-dir) to the directory "
+            f"that holds {DOLLY_DIR}/local_training_0.json ... global_test.json"
+        )
+    return d
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_shepherd_clients(override: str | None = None) -> list[list[dict]]:
+    d = dolly_dir(override)
+    files = sorted(d.glob("local_training_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [_read(f) for f in files]
+
+
+def load_test_set(override: str | None = None) -> list[dict]:
+    return _read(dolly_dir(override) / "global_test.json")
+
+
+def dirichlet_partition(records: Sequence[dict], num_clients: int, alpha: float, seed: int,
+                        min_size: int = 1, key: str = "category") -> list[list[dict]]:
+    """Split ``records`` over ``num_clients``: per category, proportions ~ Dirichlet(alpha).
+
+    Redraws (up to 100 times) until every client has at least ``min_size`` records.
+    """
+    if num_clients < 1 or alpha <= 0:
+        raise ValueError(f"dirichlet_partition needs num_clients >= 1 and alpha > 0, got {num_clients}, {alpha}")
+    if len(records) < num_clients * min_size:
+        raise ValueError(f"{len(records)} records cannot give {num_clients} clients {min_size} each")
+    by_cat: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_cat.setdefault(r[key], []).append(i)
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for cat in sorted(by_cat):
+            idx = list(by_cat[cat])
+            rng.shuffle(idx)
+            p = np_rng.dirichlet([float(alpha)] * num_clients)
+            cuts = np.round(np.cumsum(p) * len(idx)).astype(int).tolist()
+            start = 0
+            for c, end in enumerate(cuts):
+                parts[c].extend(idx[start:end])
+                start = end
+        if min(len(p) for p in parts) >= min_size:
+            return [[records[i] for i in sorted(p)] for p in parts]
+    raise ValueError(f"could not give every one of {num_clients} clients {min_size} records with alpha={alpha}; "
+                     "raise alpha or lower the number of clients")
+
+
+def iid_partition(records: Sequence[dict], num_clients: int, seed: int) -> list[list[dict]]:
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    return [[records[i] for i in idx[c::num_clients]] for c in range(num_clients)]
+
+
+def build_partitions(kind: str, num_clients: int, seed: int, alpha: float = 0.5,
+                     data_dir_override: str | None = None) -> list[list[dict]]:
+    shepherd = load_shepherd_clients(data_dir_override)
+    if kind == "shepherd":
+        if num_clients != len(shepherd):
+            raise ValueError(f"the shepherd split has {len(shepherd)} clients, not {num_clients}; "
+                             "use partition=dirichlet or partition=iid for other client counts")
+        return shepherd
+    union = [r for part in shepherd for r in part]
+    if kind == "dirichlet":
+        return dirichlet_partition(union, num_clients, alpha, seed)
+    if kind == "iid":
+        return iid_partition(union, num_clients, seed)
+    raise ValueError(f"unknown partition {kind!r}; choose shepherd, dirichlet or iid")
+
+
+# ---- prompts and completion-only labels ------------------------------------------------------
+def format_prompt(record: dict) -> str:
+    """Alpaca/FedIT-style prompt (instruction, optional context); the response follows it."""
+    ctx = (record.get("context") or "").strip()
+    tmpl = PROMPT_WITH_CONTEXT if ctx else PROMPT_NO_CONTEXT
+    return tmpl.format(instruction=record["instruction"].strip(), context=ctx)
+
+
+def tokenize_example(tokenizer, record: dict, seq_len: int) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + response + EOS; ``labels`` = -100 on prompt tokens (completion-only).
+
+    Prompt and response are tokenised separately so the boundary is exact. When too long, the
+    response keeps at least a quarter of ``seq_len`` and the prompt keeps its *end* (which holds
+    the instruction tail and the ``### Response:`` marker).
+    """
+    if seq_len < 8:
+        raise ValueError(f"seq_len must be >= 8, got {seq_len}")
+    p = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
+    r = tokenizer(record["response"].strip(), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r = r + [tokenizer.eos_token_id]
+    if len(p) + len(r) > seq_len:
+        r_keep = min(len(r), max(seq_len // 4, seq_len - len(p)))
+        r = r[:r_keep]
+        p = p[len(p) - (seq_len - r_keep):] if seq_len - r_keep > 0 else []
+    return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + list(r)}
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenised examples into a batch (padding is ignored by the loss)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

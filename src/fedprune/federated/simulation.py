@@ -1,0 +1,269 @@
+"""The in-process federated runtime (the default): one frozen base model shared by every
+simulated client, their LoRA (and optionally AdamW) states swapped in and out.
+
+Every random draw depends only on (seed, round, client), and the full server state is
+checkpointed atomically after every round, so a run interrupted after round k and resumed
+ends in exactly the state of an uninterrupted run.
+
+Run directory:
+- ``config.yaml``     the resolved configuration;
+- ``checkpoint.pt``   server state after the last completed round (global LoRA, merged base
+                      delta, per-client optimiser states, counters);
+- ``metrics.jsonl``   one line per round (round 0 = the base model before training);
+- ``clients.jsonl``   one line per selected client per round (device, status, times, bytes).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import resource
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import atomic
+from .client import ClientResult, train_client
+from .config import FederatedConfig, dump_config
+from .devices import draws_dropout, parse_fleet, simulated_time
+from .evaluation import evaluate_global
+from .lora import SharedBaseModel
+from .partition import build_partitions, load_test_set, tokenize_example
+from .strategies import ClientInfo, GlobalModel, make_strategy
+from .validation import update_problem
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fedprune-fedstate/1"
+
+
+class RoundFailed(RuntimeError):
+    """Every client of a round failed; the run directory still holds the last good state."""
+
+
+def client_seed(seed: int, round_idx: int, cid: int) -> int:
+    return zlib.crc32(f"{seed}|{round_idx}|{cid}|train".encode())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_base(cfg: FederatedConfig):
+    """(model, tokenizer) for ``cfg.model`` ('tiny-llama' builds a tiny random LLaMA)."""
+    from .. import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.name == "tiny-llama":
+        from ..models.tiny import tiny_model
+
+        model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=max(256, cfg.train.seq_len))
+    else:
+        model = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    return model, tok
+
+
+class Simulation:
+    """Run ``cfg`` in-process, writing into ``run_dir``.
+
+    ``tamper(result) -> result`` lets a test or study play a faulty/Byzantine client: it sees
+    every client result before validation.
+    """
+
+    def __init__(self, cfg: FederatedConfig, run_dir: str | Path, model=None, tokenizer=None,
+                 tamper: Callable[[ClientResult], ClientResult] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        if model is None or tokenizer is None:
+            model, tokenizer = load_base(cfg)
+        self.tokenizer = tokenizer
+        self.base = SharedBaseModel(model, cfg.lora)
+        fed = cfg.federation
+        self.seed = fed.seed
+        parts = build_partitions(cfg.data.partition, cfg.data.num_clients, fed.seed, cfg.data.alpha, cfg.data.data_dir)
+        cap = cfg.data.max_examples_per_client
+        self.partitions = [p[:cap] if cap else p for p in parts]
+        self.fleet = parse_fleet(fed.fleet)[: cfg.data.num_clients]
+        self.clients = [ClientInfo(c, len(p), self.fleet[c].memory_bytes) for c, p in enumerate(self.partitions)]
+        self.strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None)
+        self.test_records = load_test_set(cfg.data.data_dir)
+        self.tamper = tamper
+        self._tokenized: dict[int, list[dict]] = {}
+        self.global_ = self.strategy.init_global(self.base.shapes, fed.seed)
+        self.opt_states: dict[int, dict] = {}
+        self.round = 0
+        self.totals = {"sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0}
+
+    # ---- data ---------------------------------------------------------------------------
+    def examples(self, cid: int) -> list[dict]:
+        if cid not in self._tokenized:
+            self._tokenized[cid] = [tokenize_example(self.tokenizer, r, self.cfg.train.seq_len)
+                                    for r in self.partitions[cid]]
+        return self._tokenized[cid]
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        g = self.global_
+        return {"format": CHECKPOINT_FORMAT, "round": self.round, "tensors": g.tensors, "base_delta": g.base_delta,
+                "meta": g.meta, "opt_states": self.opt_states, "totals": dict(self.totals),
+                "strategy": self.cfg.federation.strategy}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {st.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+        if st["strategy"] != self.cfg.federation.strategy:
+            raise ValueError(f"checkpoint is from strategy {st['strategy']!r}, config says "
+                             f"{self.cfg.federation.strategy!r}")
+        self.round = int(st["round"])
+        self.global_ = GlobalModel(st["tensors"], st["base_delta"], st["meta"])
+        self.opt_states = st["opt_states"]
+        self.totals = st["totals"]
+
+    def save_checkpoint(self) -> None:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic.write_bytes(self.run_dir / CHECKPOINT, buf.getvalue())
+
+    def resume(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"no {CHECKPOINT} in {self.run_dir}: nothing to resume")
+        self.load_state_dict(torch.load(path, weights_only=False))
+        # drop log lines of a round that was logged but not checkpointed
+        for name in ("metrics.jsonl", "clients.jsonl"):
+            p = self.run_dir / name
+            if p.exists():
+                lines = [ln for ln in p.read_text().splitlines() if ln.strip()
+                         and json.loads(ln).get("round", 0) <= self.round]
+                atomic.write_text(p, "".join(ln + "\n" for ln in lines))
+        log.info("resumed %s after round %d", self.run_dir, self.round)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        t = time.perf_counter()
+        out = evaluate_global(self.base, self.tokenizer, self.test_records, self.cfg.eval, self.cfg.train.seq_len,
+                              self.global_.base_delta, self.strategy.eval_delta(self.global_))
+        out["eval_s"] = time.perf_counter() - t
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool = False, stop_after: int | None = None) -> GlobalModel:
+        """Run (or continue) the federation; ``stop_after`` ends early after that round (as an
+        interruption would)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        else:
+            if (self.run_dir / CHECKPOINT).exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --output")
+            atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
+            self.base.set_base_delta(self.global_.base_delta)
+            m = {"round": 0, **self.evaluate(), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
+                 "peak_rss_mb": peak_rss_mb()}
+            atomic.append_jsonl(self.run_dir / "metrics.jsonl", m)
+            self.save_checkpoint()
+        rounds = self.cfg.federation.rounds
+        while self.round < rounds:
+            self.run_round(self.round + 1)
+            if stop_after is not None and self.round >= stop_after:
+                break
+        return self.global_
+
+    def run_round(self, r: int) -> dict:
+        cfg, fed = self.cfg, self.cfg.federation
+        t_round = time.perf_counter()
+        t = time.perf_counter()
+        selected = self.strategy.select_clients(r, self.clients, fed.clients_per_round, self.seed)
+        tasks = self.strategy.configure_train(r, selected, self.global_, self.seed)
+        self.base.set_base_delta(self.global_.base_delta)
+        server_s = time.perf_counter() - t
+        accepted: list[ClientResult] = []
+        records, client_wall, bytes_up, bytes_down, times = [], 0.0, 0, 0, []
+        cut_short = False
+        for task in tasks:
+            prof = self.fleet[task.cid]
+            rec = {"round": r, "cid": task.cid, "device": prof.name, "rank": task.rank}
+            down = task.download_bytes()
+            bytes_down += down
+            if fed.dropout and draws_dropout(prof, self.seed, r, task.cid):
+                records.append({**rec, "status": "dropped"})
+                cut_short = True
+                continue
+            tc = time.perf_counter()
+            res, opt = train_client(self.base, task, self.examples(task.cid), cfg.train,
+                                    client_seed(self.seed, r, task.cid), self.tokenizer.pad_token_id,
+                                    self.opt_states.get(task.cid))
+            client_wall += time.perf_counter() - tc
+            if self.tamper is not None:
+                res = self.tamper(res)
+            up = res.upload_bytes()
+            sim = simulated_time(prof, res.metrics["train_flops"], down + up, self.seed, r, task.cid)
+            res.metrics["time_s"] = sim["total_s"]
+            rec.update(sim_time_s=sim["total_s"], compute_s=sim["compute_s"], comm_s=sim["comm_s"],
+                       bytes_down=down, bytes_up=up, wall_s=res.metrics["wall_s"],
+                       train_loss=res.metrics["train_loss_last"], tokens=res.metrics["tokens"])
+            if fed.deadline_s and sim["total_s"] > fed.deadline_s:
+                records.append({**rec, "status": "straggler"})
+                cut_short = True
+                continue
+            tv = time.perf_counter()
+            problem = update_problem(res, task, fed.max_update_norm)
+            server_s += time.perf_counter() - tv
+            bytes_up += up
+            if problem:
+                log.warning("round %d: rejected the update of client %d: %s", r, task.cid, problem)
+                records.append({**rec, "status": "rejected", "reason": problem})
+                continue
+            accepted.append(res)
+            times.append(sim["total_s"])
+            if opt is not None:
+                self.opt_states[task.cid] = opt
+            records.append({**rec, "status": "ok"})
+        if not accepted:
+            for rec in records:
+                log.error("round %d: client %d %s %s", r, rec["cid"], rec["status"], rec.get("reason", ""))
+            raise RoundFailed(
+                f"round {r}: every selected client failed ({', '.join(x['status'] for x in records)}); the global "
+                f"model was not updated and {self.run_dir / CHECKPOINT} still holds round {self.round}. "
+                "Check the client log, relax federation.deadline_s / max_update_norm, or resume with --resume."
+            )
+        ta = time.perf_counter()
+        self.global_ = self.strategy.aggregate_train(r, accepted, self.global_)
+        self.base.set_base_delta(self.global_.base_delta)
+        server_s += time.perf_counter() - ta
+        sim_round = fed.deadline_s if (cut_short and fed.deadline_s) else max(times)
+        self.round = r
+        wall = time.perf_counter() - t_round
+        self.totals["sim_time_s"] += sim_round
+        self.totals["bytes_up"] += bytes_up
+        self.totals["bytes_down"] += bytes_down
+        evaluate = r % cfg.eval.every == 0 or r == fed.rounds
+        ev = self.evaluate() if evaluate else {}
+        self.totals["wall_s"] += wall
+        m = {"round": r, **ev, "clients_ok": len(accepted), "clients_selected": len(tasks),
+             "train_loss": sum(x.metrics["train_loss_last"] for x in accepted) / len(accepted),
+             "round_sim_time_s": sim_round, "sim_time_s": self.totals["sim_time_s"], "round_wall_s": wall,
+             "wall_s": self.totals["wall_s"], "client_wall_s": client_wall, "server_s": server_s,
+             "prev_checkpoint_s": self.totals.get("checkpoint_s", 0.0),
+             "server_share": server_s / max(server_s + client_wall, 1e-9),
+             "round_bytes_up": bytes_up, "round_bytes_down": bytes_down,
+             "bytes_up": self.totals["bytes_up"], "bytes_down": self.totals["bytes_down"], "peak_rss_mb": peak_rss_mb()}
+        for rec in records:
+            atomic.append_jsonl(self.run_dir / "clients.jsonl", rec)
+        atomic.append_jsonl(self.run_dir / "metrics.jsonl", m)
+        tc = time.perf_counter()
+        self.save_checkpoint()  # logs first: a resume drops log lines newer than the checkpoint
+        self.totals["checkpoint_s"] = time.perf_counter() - tc
+        log.info("round %d/%d: %d/%d clients ok, train loss %.4f%s, sim %.1fs, wall %.1fs", r, fed.rounds,
+                 len(accepted), len(tasks), m["train_loss"],
+                 f", test loss {ev['test_loss']:.4f}" if "test_loss" in ev else "", sim_round, wall)
+        return m
+
+
+def run_federated(cfg: FederatedConfig, run_dir: str | Path, resume: bool = False, **kw) -> GlobalModel:
+    """Public entry point: what ``fedprune federate`` calls."""
+    return Simulation(cfg, run_dir, **kw).run(resume=resume)
