@@ -1,0 +1,102 @@
+"""``evaluate``: perplexity and zero-shot tasks in one call, shaped for JSON.
+
+Result::
+
+    {"model": "smollm2-135m",
+     "settings": {"tasks": [...], "seq_len": 512, "limit": 100, "batch_size": 8, ...,
+                  "counts": {"wikitext2": 40, "piqa": 100}, "seconds": {...}},
+     "results": {"wikitext2": {"ppl": 29.1}, "piqa": {"acc": 0.64, "acc_norm": 0.62}, ...},
+     "average": 0.48}
+
+``average`` is the mean of the reported metric (evaluation.md: acc for boolq, piqa,
+winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) over those of the
+seven tasks that were run; ``None`` when none was. ``counts`` are windows for perplexity
+tasks and examples for zero-shot tasks.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Iterable
+
+from .perplexity import perplexity_details
+from .zeroshot import zero_shot_details
+
+DEFAULT_TASKS = ("wikitext2", "ptb", "boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                 "openbookqa")
+
+
+def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
+    """``"wikitext2,piqa"`` or a list -> validated task names (an unknown name raises KeyError)."""
+    from ..data import get_dataset, is_text_dataset
+
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError("no tasks given")
+    for name in names:
+        if not is_text_dataset(name) and get_dataset(name).kind != "choice":
+            raise ValueError(f"{name!r} is not an evaluation task (a text corpus or a zero-shot task)")
+    return names
+
+
+def reported_metric(task: str) -> str:
+    """The metric quoted for ``task``: ``ppl`` for corpora, acc or acc_norm for zero-shot tasks."""
+    from ..data import get_dataset, is_text_dataset
+
+    return "ppl" if is_text_dataset(task) else get_dataset(task).reported
+
+
+def zero_shot_average(results: dict[str, dict[str, float]]) -> float | None:
+    """Mean reported metric over the seven headline tasks present in ``results``."""
+    from ..data import SEVEN_TASKS, get_dataset
+
+    values = [results[t][get_dataset(t).reported] for t in SEVEN_TASKS if t in results]
+    return sum(values) / len(values) if values else None
+
+
+def model_name(model) -> str:
+    return getattr(model, "_fedprune_spec", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_len: int = 512,
+             limit: int | None = None, batch_size: int = 8, data_dir: str | os.PathLike | None = None,
+             ppl_batch_size: int = 1, add_bos_token: bool | None = None, name: str | None = None,
+             progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate ``model`` on ``tasks``; returns the dict described in the module docstring.
+
+    limit: first N windows of a perplexity task, first N examples of a zero-shot task.
+    batch_size: (context, continuation) requests per forward pass for zero-shot tasks;
+    ppl_batch_size: windows per forward pass for perplexity. on_result: called with the
+    partial result after each task (for incremental writing).
+    """
+    names = parse_tasks(tasks)
+    param = next(model.parameters())
+    out = {
+        "model": name or model_name(model),
+        "settings": {"tasks": names, "seq_len": seq_len, "limit": limit, "batch_size": batch_size,
+                     "ppl_batch_size": ppl_batch_size, "dtype": str(param.dtype).replace("torch.", ""),
+                     "device": str(param.device), "add_bos_token": add_bos_token,
+                     "data_dir": str(_data_root(data_dir)), "counts": {}, "seconds": {}},
+        "results": {},
+        "average": None,
+    }
+    for task in names:
+        start = time.perf_counter()
+        if reported_metric(task) == "ppl":
+            d = perplexity_details(model, tokenizer, task, seq_len, limit, ppl_batch_size, data_dir, progress)
+            out["results"][task], count = {"ppl": d["ppl"]}, d["windows"]
+        else:
+            d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress)
+            out["results"][task], count = {"acc": d["acc"], "acc_norm": d["acc_norm"]}, d["examples"]
+        out["settings"]["counts"][task] = count
+        out["settings"]["seconds"][task] = round(time.perf_counter() - start, 2)
+        out["average"] = zero_shot_average(out["results"])
+        if on_result is not None:
+            on_result(out)
+    return out
+
+
+def _data_root(data_dir):
+    from ..data import resolve_root
+
+    return resolve_root(data_dir)
