@@ -1,0 +1,293 @@
+"""Peak training memory of a K-layer LoRA submodel (FedPruner's memory model).
+
+A device trains LoRA on ``K`` decoder layers of a LLaMA-style model (the others are not in
+its submodel). Its peak memory is
+
+    M(K) = M_embed_head + K * (M_layer_weights + M_layer_lora_state + M_layer_act)
+           + M_transient + M_fixed
+
+with ``N = batch * seq_len`` tokens, ``b`` bytes per base element, ``b_l`` per LoRA element:
+
+- ``M_embed_head = (V H [x2 if untied] + H) b``: embeddings, LM head, final norm.
+- ``M_layer_weights = (H (q + 2 kv) + q H + 3 H I + 2 H) b`` with ``q = n_heads d``,
+  ``kv = n_kv d`` (frozen q/k/v/o, gate/up/down, two RMSNorms).
+- ``M_layer_lora_state = P_lora (1 + 1 + s) b_l``: LoRA parameters, their gradients and
+  ``s`` optimiser states (AdamW: 2), ``P_lora = r * sum over targets (in + out)``.
+- ``M_layer_act``: tensors autograd saves for backward in one layer (frozen base weights
+  are saved by reference and cost nothing; counted by instrumenting
+  ``torch.autograd.graph.saved_tensors_hooks`` on transformers' LLaMA with peft LoRA):
+
+      attention half: layer input x (N H, for RMSNorm) + normed input (N H, shared by
+        the q/k/v LoRA A, if any) + rotated q (N q) + rotated k (N kv) + v (N kv) + attention output
+        (N q, also the o_proj LoRA-A input: the CPU/flash kernels return it (B, T, h, d)
+        so the reshape is a view) [+ (N q) with ``separate_attn_out``]
+        + log-sum-exp (B n_heads T, float32);
+      FFN half: residual (N H) + normed (N H, if gate/up have LoRA) + gate out, up out,
+        silu(gate) (3 N I) + silu(gate) * up (N I, if down has LoRA);
+      LoRA A outputs: N r per target; RMSNorm rsqrt: 2 N (float32).
+
+  With ``attention="eager"`` the (B, n_heads, T, T) softmax output and its input are
+  saved too (once: softmax output = matmul input), and k/v are saved after ``repeat_kv`` (N q each).
+- ``M_transient``: the largest short-lived working set, at the start of backward:
+  ``max(head, layer_backward)``. ``head`` = logits (N V b) kept by the model output +
+  float32 log-softmax output, its incoming gradient and the logits gradient (3 N V 4),
+  plus a float32 copy of the logits when ``b != 4``; ``layer_backward`` ~ 3 N I b.
+  (Activations of all layers are alive at that moment.)
+
+  The count is for a layer inside a trained stack (its input requires grad); the first
+  trained layer saves slightly less, so the model errs on the safe side.
+- ``M_fixed``: what does not scale with the model: the framework runtime, allocator
+  slack. Calibrate it per platform (``benchmarks/fedpruner/validate_memory_model.py``).
+
+``max_layers_for_budget`` inverts ``M(K)``:
+``K = floor((M_i - M_embed_head - M_transient - M_fixed) / per_layer)``, capped at L.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a LLaMA-style decoder the memory model needs."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    vocab: int
+    num_layers: int
+    tied_embeddings: bool = True
+    head_dim: int | None = None
+
+    def __post_init__(self):
+        for name in ("hidden", "intermediate", "num_heads", "num_kv_heads", "vocab", "num_layers"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def d(self) -> int:
+        return int(self.head_dim or self.hidden // self.num_heads)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a Hugging Face LLaMA-family config."""
+        nh = int(config.num_attention_heads)
+        return cls(int(config.hidden_size), int(config.intermediate_size), nh,
+                   int(getattr(config, "num_key_value_heads", None) or nh), int(config.vocab_size),
+                   int(config.num_hidden_layers), bool(getattr(config, "tie_word_embeddings", False)),
+                   getattr(config, "head_dim", None))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{target: (in_features, out_features)}`` of one layer."""
+        H, I, q, kv = self.hidden, self.intermediate, self.num_heads * self.d, self.num_kv_heads * self.d
+        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+                "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """How a device trains: sequence, batch, LoRA, optimiser, precisions, attention kernel."""
+
+    seq_len: int = 256
+    batch_size: int = 1
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LLAMA_TARGETS
+    optimizer: str = "adamw"
+    dtype: str = "float32"
+    lora_dtype: str = "float32"
+    attention: str = "sdpa"
+    separate_attn_out: bool = False
+    fixed_overhead_bytes: int = 0
+
+    def __post_init__(self):
+        if self.seq_len <= 0 or self.batch_size <= 0 or self.lora_rank <= 0:
+            raise ValueError("seq_len, batch_size and lora_rank must be positive")
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {sorted(OPTIMIZER_STATES)}")
+        for name in (self.dtype, self.lora_dtype):
+            if name not in DTYPE_BYTES:
+                raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPE_BYTES)}")
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        bad = set(self.lora_targets) - set(LLAMA_TARGETS)
+        if bad:
+            raise ValueError(f"unknown LoRA targets {sorted(bad)}; known: {LLAMA_TARGETS}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes per component for one K (see module doc); ``total`` is the predicted peak."""
+
+    num_layers: int
+    embed_head: int
+    layer_weights: int
+    lora_state: int
+    activations: int
+    transient: int
+    fixed: int
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.embed_head + self.layer_weights + self.lora_state + self.activations + self.transient + self.fixed
+
+    @property
+    def dynamic(self) -> int:
+        """What training adds on top of the loaded weights: LoRA state + activations + transient + fixed."""
+        return self.lora_state + self.activations + self.transient + self.fixed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total"], d["dynamic"] = self.total, self.dynamic
+        return d
+
+
+def layer_weight_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    n = sum(i * o for i, o in shape.linear_shapes().values()) + 2 * shape.hidden
+    return n * DTYPE_BYTES[setup.dtype]
+
+
+def lora_params_per_layer(shape: ModelShape, rank: int, targets: tuple[str, ...] = LLAMA_TARGETS) -> int:
+    """``r * sum (in + out)`` over the LoRA targets of one layer."""
+    lin = shape.linear_shapes()
+    return sum(rank * (lin[t][0] + lin[t][1]) for t in targets)
+
+
+def lora_state_bytes_per_layer(shape: ModelShape, setup: TrainSetup) -> int:
+    """Parameters + gradients + optimiser states of one layer's LoRA."""
+    p = lora_params_per_layer(shape, setup.lora_rank, setup.lora_targets)
+    return p * (2 + OPTIMIZER_STATES[setup.optimizer]) * DTYPE_BYTES[setup.lora_dtype]
+
+
+def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    """Bytes autograd keeps for backward in one LLaMA layer with LoRA (module doc)."""
+    N, B, T = setup.tokens, setup.batch_size, setup.seq_len
+    H, I = shape.hidden, shape.intermediate
+    q, kv = shape.num_heads * shape.d, shape.num_kv_heads * shape.d
+    b = DTYPE_BYTES[setup.dtype]
+    targets = set(setup.lora_targets)
+    elems = 0
+    # attention half: the residual input x (RMSNorm), the normed input (only when a q/k/v
+    # LoRA-A reads it; frozen base linears keep only their weight), rotated q/k, v, output
+    elems += N * H
+    if targets & {"q_proj", "k_proj", "v_proj"}:
+        elems += N * H
+    if setup.attention == "sdpa":
+        elems += N * (q + 2 * kv) + N * q
+    else:  # eager: k/v after repeat_kv, scores and softmax probabilities
+        elems += N * 3 * q + N * q + B * shape.num_heads * T * T
+    if setup.separate_attn_out:
+        elems += N * q
+    # FFN half: residual, normed (when a gate/up LoRA-A reads it), gate, up, silu(gate),
+    # silu(gate)*up (when the down LoRA-A reads it)
+    elems += N * H + 3 * N * I
+    if targets & {"gate_proj", "up_proj"}:
+        elems += N * H
+    if "down_proj" in targets:
+        elems += N * I
+    # LoRA-A outputs, saved by each LoRA-B
+    elems += N * setup.lora_rank * len(targets)
+    extra_fp32 = 2 * N * 4  # two RMSNorm rsqrt (N, 1)
+    if setup.attention == "sdpa":
+        extra_fp32 += B * shape.num_heads * T * 4  # log-sum-exp
+    return elems * b + extra_fp32
+
+
+def embed_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    n = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2) + shape.hidden
+    return n * DTYPE_BYTES[setup.dtype]
+
+
+def transient_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    """``max(head, layer_backward)``: logits + float32 log-softmax, its grad and the logits grad."""
+    N, V, b = setup.tokens, shape.vocab, DTYPE_BYTES[setup.dtype]
+    head = N * V * b + 3 * N * V * 4 + (N * V * 4 if b != 4 else 0)
+    layer_bwd = 3 * N * shape.intermediate * b
+    return max(head, layer_bwd)
+
+
+def training_memory(shape: ModelShape, setup: TrainSetup, num_layers: int) -> MemoryBreakdown:
+    """Predicted peak training memory of a submodel with ``num_layers`` trained layers."""
+    K = int(num_layers)
+    if not 0 <= K <= shape.num_layers:
+        raise ValueError(f"num_layers must lie in [0, {shape.num_layers}], got {K}")
+    per = {"weights": layer_weight_bytes(shape, setup), "lora_state": lora_state_bytes_per_layer(shape, setup),
+           "activations": layer_activation_bytes(shape, setup)}
+    return MemoryBreakdown(
+        num_layers=K, embed_head=embed_head_bytes(shape, setup), layer_weights=K * per["weights"],
+        lora_state=K * per["lora_state"], activations=K * per["activations"],
+        transient=transient_bytes(shape, setup) if K > 0 else 0, fixed=int(setup.fixed_overhead_bytes),
+        per_layer=per,
+    )
+
+
+def max_layers_for_budget(budget_bytes: float, shape: ModelShape, setup: TrainSetup) -> int:
+    """Largest ``K`` in ``[0, L]`` with ``training_memory(K).total <= budget_bytes`` (0 if none fits)."""
+    base = training_memory(shape, setup, 0).total + transient_bytes(shape, setup)
+    one = training_memory(shape, setup, 1)
+    per_layer = sum(one.per_layer.values())
+    if budget_bytes < one.total:
+        return 0
+    K = min(shape.num_layers, int(math.floor((budget_bytes - base) / per_layer)))
+    # guard the float division against off-by-one at exact boundaries
+    while K > 0 and training_memory(shape, setup, K).total > budget_bytes:
+        K -= 1
+    while K < shape.num_layers and training_memory(shape, setup, K + 1).total <= budget_bytes:
+        K += 1
+    return K
+
+
+def block_costs(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
+    """Per-sub-block bytes (weights + LoRA state + activations) for FedPruner+ units ``attn`` / ``mlp``.
+
+    The layer's two RMSNorms and LoRA-A outputs are split by the sub-block that owns them.
+    """
+    attn_t = tuple(t for t in setup.lora_targets if t in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    mlp_t = tuple(t for t in setup.lora_targets if t in ("gate_proj", "up_proj", "down_proj"))
+    total = training_memory(shape, setup, 1).per_layer
+    N, H, I, b = setup.tokens, shape.hidden, shape.intermediate, DTYPE_BYTES[setup.dtype]
+    lin = shape.linear_shapes()
+    w_mlp = (sum(lin[t][0] * lin[t][1] for t in ("gate_proj", "up_proj", "down_proj")) + H) * b
+    lora_mlp = lora_state_bytes_per_layer(shape, TrainSetup(**{**asdict(setup), "lora_targets": mlp_t})) if mlp_t else 0
+    act_mlp = (2 * N * H + 4 * N * I + N * setup.lora_rank * len(mlp_t)) * b + N * 4
+    mlp = w_mlp + lora_mlp + act_mlp
+    attn = sum(total.values()) - mlp
+    assert attn > 0 and attn_t is not None
+    return {"attn": int(attn), "mlp": int(mlp)}
+
+
+def saved_tensor_bytes(fn, exclude: Any = ()) -> int:
+    """Bytes of distinct storages autograd saves for backward while ``fn()`` runs.
+
+    Tensors sharing a storage count once; storages of ``exclude`` (e.g. the model's
+    parameters, which autograd saves by reference) count zero. An instrument for checking
+    ``layer_activation_bytes``; returns the sum, ``fn``'s result is discarded after the count.
+    """
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
