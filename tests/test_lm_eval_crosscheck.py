@@ -1,0 +1,88 @@
+"""fedprune's zero-shot scoring against lm-evaluation-harness's own HFLM, on the same requests.
+
+A tiny random model and a small byte-level BPE tokenizer are saved to a temporary
+directory; lm-eval loads them from there with ``HFLM`` and scores the (context,
+continuation) requests built from the local task files; fedprune scores the same requests
+in-process. Per-request log-likelihoods must agree to 1e-4 and acc / acc_norm predictions
+must be identical. Boolq passages exceed the tiny model's 256 positions, so lm-eval's left
+truncation is compared too; the tokenizer is run with and without a BOS token.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from fedprune.data import load_examples, resolve_root
+from fedprune.data.toy_tokenizer import toy_tokenizer
+from fedprune.evaluate import loglikelihoods, score_example
+from fedprune.models.tiny import tiny_model
+
+TASK_COUNTS = {"piqa": 20, "arc_easy": 20, "winogrande": 6, "hellaswag": 4, "boolq": 3, "openbookqa": 4}
+
+pytestmark = pytest.mark.skipif(not (resolve_root() / "piqa" / "dev.jsonl").is_file(),
+                                reason="local evaluation data not found (set $FEDPRUNE_DATA)")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [ex for task, n in TASK_COUNTS.items() for ex in load_examples(task, limit=n)]
+
+
+def _requests(examples):
+    return [r for ex in examples for r in ex.requests]
+
+
+def _lm_eval_loglikelihoods(directory, requests, batch_size=8):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(directory), tokenizer=str(directory), batch_size=batch_size, device="cpu",
+              dtype="float32")
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(requests)]
+    return [ll for ll, _ in lm.loglikelihood(instances, disable_tqdm=True)]
+
+
+def _predictions(examples, lls):
+    out, k = [], 0
+    for ex in examples:
+        s = score_example(ex, lls[k:k + len(ex.requests)])
+        out.append((s.pred, s.pred_norm))
+        k += len(ex.requests)
+    return out
+
+
+def _crosscheck(model, tokenizer, directory, examples):
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    requests = _requests(examples)
+    ours = loglikelihoods(model, tokenizer, requests, batch_size=8, progress=False)
+    theirs = _lm_eval_loglikelihoods(directory, requests)
+    worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    assert worst < 1e-4, f"largest log-likelihood difference {worst:.2e}"
+    assert _predictions(examples, ours) == _predictions(examples, theirs)
+    return ours
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no-bos", "bos"])
+def test_loglikelihoods_match_lm_eval_hflm(tmp_path, examples, add_bos):
+    texts = [c + x for c, x in _requests(examples)]
+    tokenizer = toy_tokenizer(texts, vocab_size=600, add_bos=add_bos)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    lls = _crosscheck(model, tokenizer, tmp_path, examples)
+    assert all(ll < 0 for ll in lls)
+
+
+@pytest.mark.real_model
+def test_loglikelihoods_match_lm_eval_with_smollm2_tokenizer(tmp_path, examples):
+    import fedprune
+
+    tokenizer = fedprune.load_tokenizer("smollm2-135m")
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    subset = examples[:12] + examples[40:46]  # piqa, winogrande
+    _crosscheck(model, tokenizer, tmp_path, subset)
