@@ -24,7 +24,7 @@ class ModelSettings:
     name: str = "smollm2-135m"
     """model spec for fedprune.load_model, or 'tiny-llama' (a tiny random LLaMA, for tests)"""
     tokenizer: str = "smollm2-135m"
-    """tokenizer spec for fedprune.load_tokenizer"""
+    """tokenizer spec for fedprune.load_tokenizer, or 'tiny-bpe' (a 320-token BPE, for tests)"""
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -129,8 +129,27 @@ class FederatedConfig:
             bad = set(values) - known
             if bad:
                 raise ValueError(f"unknown key(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
-            kwargs[name] = sub_cls(**values)
+            kwargs[name] = sub_cls(**_coerce(sub_cls, values))
         return cls(**kwargs)
+
+
+def _coerce(sub_cls, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads ``1e-9`` as a string and ``3`` as an int: cast to the type of each field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(sub_cls) if f.default is not dataclasses.MISSING}
+    out = dict(values)
+    for k, v in values.items():
+        d = defaults.get(k)
+        try:
+            if isinstance(d, bool):
+                if isinstance(v, str):
+                    out[k] = {"true": True, "false": False}[v.lower()]
+            elif isinstance(d, float) and isinstance(v, (int, str)):
+                out[k] = float(v)
+            elif isinstance(d, int) and isinstance(v, str):
+                out[k] = int(v)
+        except (ValueError, KeyError):
+            raise ValueError(f"{sub_cls.__name__}.{k}: cannot read {v!r} as {type(d).__name__}") from None
+    return out
 
 
 def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -57,7 +57,12 @@ def load_base(cfg: FederatedConfig):
     """(model, tokenizer) for ``cfg.model`` ('tiny-llama' builds a tiny random LLaMA)."""
     from .. import load_model, load_tokenizer
 
-    tok = load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.tokenizer == "tiny-bpe":
+        from .tiny_tokenizer import tiny_bpe_tokenizer
+
+        tok = tiny_bpe_tokenizer(data_dir=cfg.data.data_dir)
+    else:
+        tok = load_tokenizer(cfg.model.tokenizer)
     if cfg.model.name == "tiny-llama":
         from ..models.tiny import tiny_model
 
