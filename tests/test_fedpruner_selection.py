@@ -161,3 +161,20 @@ def test_select_blocks_respects_budget_and_groups():
     assert keep == [0, 2, 4] and attn_skip == [4] and mlp_skip == [0]
     with pytest.raises(ValueError):
         select_blocks(units, imp[:-1], costs, 10.0)
+
+
+def test_device_layer_plan_end_to_end_on_a_tiny_model(input_ids):
+    from fedprune.fedpruner import cka_matrix, device_layer_plan, layer_outputs
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    S = cka_matrix(layer_outputs(model, input_ids))
+    imp = cosine_importance(layer_io(model, input_ids))
+    groups, chosen = device_layer_plan(S, imp, 3, temperature=0.5, rng=0)
+    assert len(groups) == 3 and [i for g in groups for i in g] == list(range(6))
+    assert len(chosen) == 3 and all(any(c in g for c in chosen) for g in groups)
+    calls, hooks = count_calls(model)
+    with only_layers(model, chosen), torch.no_grad():
+        model(input_ids=input_ids)
+    assert {i for i, n in calls.items() if n} == set(chosen)
+    for h in hooks:
+        h.remove()

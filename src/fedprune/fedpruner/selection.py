@@ -173,3 +173,18 @@ def blocks_to_skip(chosen: Sequence[Unit], num_layers: int) -> tuple[list[int], 
     mlp = [i for i in keep if (i, "mlp") not in have]
     return keep, attn, mlp
 
+
+
+def device_layer_plan(similarity: torch.Tensor, importance: torch.Tensor, num_layers: int,
+                      temperature: float = 1.0, rng: np.random.Generator | int | None = None,
+                      objective: str = "scatter") -> tuple[list[list[int]], list[int]]:
+    """FedPruner macro + micro for one device: ``(groups, chosen layers)``.
+
+    ``similarity`` ``[L, L]`` (e.g. ``cka.cka_matrix``), ``importance`` ``[L]``, ``num_layers`` = K
+    (e.g. ``memory.max_layers_for_budget``). Groups are the contiguous partition into K parts;
+    one layer is drawn per group.
+    """
+    from .partition import contiguous_partition
+
+    groups = contiguous_partition(similarity, num_layers, objective)
+    return groups, select_layers(groups, importance, temperature, rng)
