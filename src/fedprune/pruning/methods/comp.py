@@ -29,6 +29,7 @@ from ..budget import LayerTarget, check_ratio, layers_for_params, module_params,
 from ..criteria.layer import block_influence
 from ..criteria.neuron import NEURON_CRITERIA, removal_order
 from ..layerwise import capture_layer0_inputs, final_logits_nll, hooks, run_layer
+from ..selection import choose_heads, heads_removed
 from ..mask_tuning import fold_column_scales, solve_mask
 from ..stats import GramAccumulator, flat_tokens, linear_bias
 
@@ -113,22 +114,6 @@ def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batc
     return sorted(removed)
 
 
-def _choose_heads(adapter: DecoderAdapter, layer, scores: torch.Tensor, target: LayerTarget) -> list[int] | None:
-    """Query heads to keep: drop the lowest ``heads_per_group`` of every KV group (GQA) or the lowest heads (MHA)."""
-    nh, g = adapter.num_heads(layer), adapter.group_size(layer)
-    if target.heads_per_group == 0 and target.groups == 0:
-        return None
-    if g == 1:
-        drop = torch.argsort(scores)[: target.groups].tolist()
-        return [h for h in range(nh) if h not in drop]
-    keep = []
-    for grp in range(nh // g):
-        heads = list(range(grp * g, (grp + 1) * g))
-        order = sorted(heads, key=lambda h: float(scores[h]))
-        keep += sorted(order[target.heads_per_group:])
-    return sorted(keep)
-
-
 def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torch.Tensor:
     return NEURON_CRITERIA.get(criterion)(stats, n_remove, damp)
 
@@ -166,9 +151,9 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
                 with hooks([(o, lambda m, i, out: acc.add_heads(flat_tokens(i[0]), m.weight, eb, hd))]):
                     run_layer(layer, xb, kw, bs)
             st = acc.unit_stats_heads()
-            n_rm = tgt.heads_per_group * adapter.num_kv_heads(layer) if adapter.group_size(layer) > 1 else tgt.groups
+            n_rm = heads_removed(adapter, layer, tgt)
             scores = _head_rank_scores(opts.neuron_metric, st, n_rm, opts.damp)
-            keep = _choose_heads(adapter, layer, scores, tgt)
+            keep = choose_heads(adapter, layer, scores, tgt)
             adapter.prune_heads(kept_pos, keep)
             entry["heads_kept"] = len(keep)
             if opts.mask_tuning:
