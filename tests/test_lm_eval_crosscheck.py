@@ -1,4 +1,7 @@
-"""fedprune's zero-shot scoring against lm-evaluation-harness's own HFLM, on the same requests.
+"""fedprune's zero-shot prompts and scoring against lm-evaluation-harness's own code.
+
+Prompts: lm-eval's task YAMLs (``ConfigurableTask`` over the same local records) must build
+exactly the (context, continuation) requests fedprune builds. Scoring:
 
 A tiny random model and a small byte-level BPE tokenizer are saved to a temporary
 directory; lm-eval loads them from there with ``HFLM`` and scores the (context,
@@ -18,7 +21,10 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from fedprune.data import load_examples, resolve_root
+from fedprune.data import load_examples, load_records, resolve_root
+from fedprune.data.choice import hellaswag_example
+from fedprune.evaluate import accuracy, score_examples
+from fedprune.evaluate.lm_eval_bridge import TASK_YAMLS, lm_eval_metrics, lm_eval_requests, lm_eval_task
 from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.evaluate import loglikelihoods, score_example
 from fedprune.models.tiny import tiny_model
@@ -86,3 +92,31 @@ def test_loglikelihoods_match_lm_eval_with_smollm2_tokenizer(tmp_path, examples)
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     subset = examples[:12] + examples[40:46]  # piqa, winogrande
     _crosscheck(model, tokenizer, tmp_path, subset)
+
+
+@pytest.mark.parametrize("task", sorted(TASK_YAMLS))
+def test_requests_equal_those_built_by_lm_eval_task_yamls(task):
+    per_doc = lm_eval_requests(lm_eval_task(task, load_records(task)[:20]))
+    theirs = [tuple(inst.arguments for inst in insts) for insts in per_doc]
+    assert theirs == [ex.requests for ex in load_examples(task, limit=20)]
+
+
+def test_hub_shaped_hellaswag_records_follow_lm_eval_process_docs():
+    docs = [{"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+             "endings": ["is using wrap [title] to wrap a pair of skis.", "is ripping  level tiles off.",
+                         "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"}]
+    per_doc = lm_eval_requests(lm_eval_task("hellaswag", docs))
+    assert tuple(i.arguments for i in per_doc[0]) == hellaswag_example(docs[0]).requests
+
+
+def test_accuracy_equals_lm_eval_process_results(examples):
+    tokenizer = toy_tokenizer(vocab_size=300)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    for task in ("piqa", "winogrande", "hellaswag"):  # winogrande: lm-eval reports acc only
+        n = TASK_COUNTS[task]
+        scores = score_examples(model, tokenizer, load_examples(task, limit=n), progress=False)
+        lls = [ll for s in scores for ll in s.loglikelihoods]
+        lm_task = lm_eval_task(task, load_records(task)[:n])
+        theirs = lm_eval_metrics(lm_task, lm_eval_requests(lm_task), lls)
+        assert "acc" in theirs
+        assert theirs == pytest.approx({m: v for m, v in accuracy(scores).items() if m in theirs})
