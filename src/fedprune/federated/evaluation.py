@@ -27,9 +27,9 @@ class EvalSettings:
     every: int = 1
     """evaluate every N rounds (and always after the last round and before the first)"""
     loss_examples: int = 80
-    """held-out records for the loss (0 = skip; at most 80)"""
+    """held-out records for the loss, evenly spread over the file's categories (0 = skip; at most 80)"""
     rouge_examples: int = 8
-    """held-out records for Rouge-L of greedy answers (0 = skip)"""
+    """held-out records for Rouge-L of greedy answers, evenly spread (0 = skip)"""
     max_new_tokens: int = 32
     """tokens generated per answer"""
     batch_size: int = 4
@@ -82,6 +82,13 @@ def rouge_l(base: SharedBaseModel, tokenizer, records: Sequence[dict], max_new_t
     return {"rouge_l": sum(scores) / len(scores) if scores else float("nan")}
 
 
+def spread_subset(records: Sequence[dict], n: int) -> list[dict]:
+    """``n`` records evenly spaced over ``records`` (the test file is grouped by category, so a
+    prefix would cover one or two categories only)."""
+    n = min(n, len(records))
+    return [records[(i * len(records)) // n] for i in range(n)] if n else []
+
+
 def evaluate_global(base: SharedBaseModel, tokenizer, records: Sequence[dict], settings: EvalSettings, seq_len: int,
                     base_delta: Mapping[str, torch.Tensor], eval_delta: Mapping[str, torch.Tensor]) -> dict:
     """Evaluate ``W0 + base_delta + eval_delta`` (LoRA off); leaves the base at ``W0 + base_delta``."""
@@ -91,9 +98,9 @@ def evaluate_global(base: SharedBaseModel, tokenizer, records: Sequence[dict], s
     try:
         with base.lora_disabled():
             if settings.loss_examples:
-                out.update(heldout_loss(base, tokenizer, records[:settings.loss_examples], seq_len, settings.batch_size))
+                out.update(heldout_loss(base, tokenizer, spread_subset(records, settings.loss_examples), seq_len, settings.batch_size))
             if settings.rouge_examples:
-                out.update(rouge_l(base, tokenizer, records[:settings.rouge_examples], settings.max_new_tokens))
+                out.update(rouge_l(base, tokenizer, spread_subset(records, settings.rouge_examples), settings.max_new_tokens))
     finally:
         base.set_base_delta(base_delta)
     return out

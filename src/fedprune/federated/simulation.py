@@ -164,7 +164,7 @@ class Simulation:
             self.resume()
         else:
             if (self.run_dir / CHECKPOINT).exists():
-                raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --output")
+                raise ValueError(f"{self.run_dir} already holds a run; use --resume or another --output")
             atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self.base.set_base_delta(self.global_.base_delta)
             m = {"round": 0, **self.evaluate(), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
