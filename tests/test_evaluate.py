@@ -52,6 +52,26 @@ def test_perplexity_equals_hand_computation(lm):
     assert first["ppl"] == pytest.approx(_hand_perplexity(lm, tokens, 16, 1), rel=1e-5)
 
 
+class FixedLogitsLM(torch.nn.Module):
+    """Returns the same large-magnitude logits [1, T, V] whatever the input (to test numerics)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.logits[:, :input_ids.shape[1]])
+
+
+def test_perplexity_is_precise_with_a_large_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 512, 49152, generator=g) * 4
+    tokens = torch.randint(0, 49152, (512,), generator=g)
+    ref = -torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, tokens[1:, None]).mean().item()
+    got = perplexity_of_tokens(FixedLogitsLM(logits), tokens, seq_len=512, progress=False)
+    assert got["nll"] == pytest.approx(ref, abs=1e-5)  # a transposed cross_entropy was 7e-5 off here
+
+
 def test_perplexity_of_a_text_file(tmp_path, lm, tok):
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
