@@ -76,6 +76,8 @@ class FederationSettings:
     max_update_norm: float = 1e4
     """reject client updates whose Frobenius norm exceeds this"""
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    """strategy-specific options passed to the strategy's constructor (fedspine: chooser, interval, ...)"""
 
     def __post_init__(self):
         from .strategies import STRATEGIES

@@ -94,7 +94,10 @@ class Simulation:
         self.partitions = [p[:cap] if cap else p for p in parts]
         self.fleet = parse_fleet(fed.fleet)[: cfg.data.num_clients]
         self.clients = [ClientInfo(c, len(p), self.fleet[c].memory_bytes) for c, p in enumerate(self.partitions)]
-        self.strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None)
+        self.strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
+        bind = getattr(self.strategy, "bind", None)  # strategies that size submodels (FedPruner) need the shapes
+        if bind is not None:
+            bind(model.config, cfg)
         self.test_records = load_test_set(cfg.data.data_dir)
         self.tamper = tamper
         self._tokenized: dict[int, list[dict]] = {}
@@ -176,6 +179,9 @@ class Simulation:
             self.run_round(self.round + 1)
             if stop_after is not None and self.round >= stop_after:
                 break
+        finalize = getattr(self.strategy, "finalize", None)  # e.g. FedSpine exports deployable models
+        if finalize is not None and self.round >= rounds:
+            finalize(self)
         return self.global_
 
     def run_round(self, r: int) -> dict:
@@ -199,7 +205,9 @@ class Simulation:
                 cut_short = True
                 continue
             tc = time.perf_counter()
-            res, opt = train_client(self.base, task, self.examples(task.cid), cfg.train,
+            # a strategy may bring its own device program (FedSpine: prune while tuning)
+            trainer = getattr(self.strategy, "client_trainer", None) or train_client
+            res, opt = trainer(self.base, task, self.examples(task.cid), cfg.train,
                                     client_seed(self.seed, r, task.cid), self.tokenizer.pad_token_id,
                                     self.opt_states.get(task.cid))
             client_wall += time.perf_counter() - tc

@@ -199,5 +199,18 @@ class FLoRA(LoraStrategy):
         return {}
 
 
-def make_strategy(name: str, lora: LoraSettings, ranks: Sequence[int] | None = None) -> LoraStrategy:
-    return STRATEGIES.get(name)(lora, ranks)
+def make_strategy(name: str, lora: LoraSettings, ranks: Sequence[int] | None = None,
+                  options: dict[str, Any] | None = None) -> LoraStrategy:
+    """Build a registered strategy; ``options`` (federation.options) go to its constructor."""
+    cls = STRATEGIES.get(name)
+    if not options:
+        return cls(lora, ranks)
+    try:
+        return cls(lora, ranks, **options)
+    except TypeError as exc:
+        raise ValueError(f"federation.options {sorted(options)} not accepted by strategy {name!r}: {exc}") from None
+
+
+# methods that live in their own modules register themselves on import
+from . import strategies_fedspine  # noqa: E402,F401
+from . import strategies_fedpruner  # noqa: E402,F401

@@ -1,0 +1,262 @@
+"""FedSpine as a federated strategy: one bandit per device over (pruning ratio, LoRA rank),
+iterative prune-and-tune on the device, heterogeneity-aware aggregation.
+
+Server, each round:
+- ``configure_train``: for every selected device its own chooser picks ``(p, r)``; the device
+  gets the global LoRA at rank ``r`` (FlexLoRA SVD / HetLoRA truncation / as is), its
+  persistent masks (as LoRA row/column masks) and the target ``p``;
+- ``aggregate_train``: a reward per device from what the server observed (the device's
+  first/last training losses, the sparsity it reports, its completion time relative to the
+  slowest accepted device of the round; never its profile) updates its chooser; the masks the
+  device returned replace the stored ones (they only grow); the LoRA updates are scattered to
+  full index space and averaged per entry over their holders (``fedspine.aggregate``).
+
+All server state (bandits incl. RNG, pending arms, masks, sparsities, the trace) lives in
+``GlobalModel.meta`` and is checkpointed with it, so a resumed run continues exactly.
+
+Options (``federation.options`` in YAML), see ``FedSpine.__init__``. Not wired into the Flower
+app yet (its ClientApp calls the plain trainer).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import aggregators as agg
+from .client import ClientTask
+from .lora import init_lora_state
+from .strategies import STRATEGIES, GlobalModel, LoraStrategy
+
+log = logging.getLogger(__name__)
+
+TRACE_FILE = "bandit_trace.jsonl"
+
+
+@STRATEGIES.register("fedspine")
+class FedSpine(LoraStrategy):
+    """FedSpine (see module doc).
+
+    Args:
+        ranks: the LoRA ranks a chooser may pick (``federation.ranks``; default 2, 4, 8, 16).
+        chooser: ``s-ucb`` (default), ``ucb1-grid`` or ``random`` (``fedspine.bandit.CHOOSERS``).
+            A uniform-pruning baseline is ``random`` with ``p_range: [p, p]`` and one rank.
+        p_range: ``[p_min, p_max]`` pruning ratios.
+        p_grid: the ratios of the ``ucb1-grid`` arms (default 6 values over ``p_range``).
+        interval: local steps between two pruning steps (the paper: 20).
+        reconcile: ``flexlora`` (SVD, default), ``hetlora`` (zero-padding) or ``fedavg`` (one rank).
+        reward: name in ``fedspine.reward.REWARDS``; ``reward_kwargs`` go to it. The pruning
+            progress it gets is ``sparsity / p_max`` (how far the device is along the range).
+        chooser_kwargs: extra arguments of the chooser (``c``, ``lipschitz``, ...).
+        momentum: importance moving-average momentum on the device (0.9).
+        export: ``class`` (one deployable model per device class), ``all``, or ``none``.
+    """
+
+    name = "fedspine"
+
+    def __init__(self, lora, ranks=None, chooser: str = "s-ucb", p_range: Sequence[float] = (0.1, 0.6),
+                 p_grid: Sequence[float] | None = None, interval: int = 20, reconcile: str = "flexlora",
+                 reward: str = "fedspine", reward_kwargs: dict | None = None, chooser_kwargs: dict | None = None,
+                 momentum: float = 0.9, export: str = "class"):
+        from ..fedspine.aggregate import RECONCILE
+        from ..fedspine.bandit import CHOOSERS
+        from ..fedspine.reward import REWARDS
+
+        super().__init__(lora, ranks or [2, 4, 8, 16])
+        self.ranks = sorted(set(self.ranks))
+        if chooser not in CHOOSERS:
+            raise ValueError(f"fedspine chooser {chooser!r} unknown; known: {', '.join(CHOOSERS)}")
+        if reconcile not in RECONCILE:
+            raise ValueError(f"fedspine reconcile {reconcile!r} unknown; known: {', '.join(RECONCILE)}")
+        if reconcile == "fedavg" and len(self.ranks) != 1:
+            raise ValueError(f"reconcile=fedavg needs a single rank, got ranks={self.ranks}")
+        if reward not in REWARDS:
+            raise ValueError(f"fedspine reward {reward!r} unknown; known: {', '.join(REWARDS)}")
+        p_lo, p_hi = float(p_range[0]), float(p_range[1])
+        if not 0 <= p_lo <= p_hi < 1:
+            raise ValueError(f"fedspine p_range must satisfy 0 <= p_min <= p_max < 1, got {list(p_range)}")
+        if interval < 1:
+            raise ValueError(f"fedspine interval must be >= 1, got {interval}")
+        if export not in ("class", "all", "none"):
+            raise ValueError(f"fedspine export must be class, all or none, got {export!r}")
+        self.chooser, self.p_range, self.interval, self.reconcile = chooser, (p_lo, p_hi), int(interval), reconcile
+        self.p_grid = list(p_grid) if p_grid else [round(p_lo + (p_hi - p_lo) * i / 5, 4) for i in range(6)]
+        self.reward_name, self.reward_kwargs = reward, dict(reward_kwargs or {})
+        self.chooser_kwargs = dict(chooser_kwargs or {})
+        self.momentum, self.export = float(momentum), export
+
+    # ---- the device program ------------------------------------------------------------
+    @property
+    def client_trainer(self):
+        from ..fedspine.device import train_fedspine_client
+
+        return train_fedspine_client
+
+    # ---- bandits (rebuilt from meta: the strategy object itself holds no state) ----------
+    def _new_chooser(self, cid: int, seed: int):
+        from ..fedspine.bandit import make_chooser
+
+        s = zlib.crc32(f"{seed}|chooser|{cid}".encode())
+        if self.chooser == "ucb1-grid":
+            return make_chooser("ucb1-grid", p_values=self.p_grid, r_values=self.ranks, seed=s, **self.chooser_kwargs)
+        return make_chooser(self.chooser, p_range=self.p_range, r_range=None, ranks=self.ranks, seed=s,
+                            **self.chooser_kwargs)
+
+    def _chooser(self, global_: GlobalModel, cid: int, seed: int):
+        ch = self._new_chooser(cid, seed)
+        st = global_.meta.get("bandits", {}).get(str(cid))
+        if st is not None:
+            ch.load_state_dict(st)
+        return ch
+
+    # ---- Strategy -------------------------------------------------------------------------
+    def init_global(self, shapes, seed):
+        self.shapes = dict(shapes)
+        meta = {"bandits": {}, "pending": {}, "masks": {}, "sparsity": {}, "rounds": {}, "trace": [],
+                "init_seed": seed, "aggregated": False}
+        if self.reconcile == "flexlora":
+            return GlobalModel(tensors={m: torch.zeros(s) for m, s in shapes.items()}, meta=meta)
+        return GlobalModel(tensors=init_lora_state(shapes, self.r_max, seed), meta=meta)
+
+    def client_lora(self, global_: GlobalModel, rank: int, seed: int) -> dict[str, torch.Tensor]:
+        if self.reconcile == "flexlora":
+            if not global_.meta.get("aggregated"):
+                return init_lora_state(self.shapes, rank, global_.meta.get("init_seed", seed))
+            return agg.flexlora_distribute(global_.tensors, rank, self.lora.alpha)
+        return agg.truncate_rank(global_.tensors, rank)
+
+    def configure_train(self, round_idx, clients, global_, seed):
+        from ..fedspine.bandit import Arm
+
+        meta = global_.meta
+        tasks = []
+        for c in clients:
+            ch = self._chooser(global_, c.cid, seed)
+            arm = ch.select()
+            assert isinstance(arm, Arm)
+            meta["bandits"][str(c.cid)] = ch.state_dict()  # the RNG moved
+            meta["pending"][str(c.cid)] = {"round": round_idx, **arm.to_dict()}
+            extra = {"ratio": float(arm.p), "interval": self.interval, "momentum": self.momentum,
+                     "row_masks": meta["masks"].get(str(c.cid))}
+            tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed),
+                                    extra=extra))
+        return tasks
+
+    def reward_of(self, metrics: dict, round_time: float) -> float:
+        from ..fedspine.reward import get_reward
+
+        progress = metrics.get("sparsity", 0.0) / max(self.p_range[1], 1e-9)
+        return float(get_reward(self.reward_name)(metrics["loss_before"], metrics["loss_after"], progress,
+                                                  metrics["time_s"], round_time, **self.reward_kwargs))
+
+    def aggregate_train(self, round_idx, results, global_):
+        from ..fedspine.aggregate import masked_flexlora_aggregate, masked_lora_aggregate
+        from ..fedspine.bandit import Arm
+
+        meta = dict(global_.meta)
+        for k in ("bandits", "pending", "masks", "sparsity", "rounds"):
+            meta[k] = dict(meta.get(k, {}))
+        meta["trace"] = list(meta.get("trace", []))
+        round_time = max(r.metrics.get("time_s", 0.0) for r in results) or 1.0
+        for r in results:
+            key = str(r.cid)
+            pend = meta["pending"].pop(key, None)
+            if pend is None or pend["round"] != round_idx:
+                raise ValueError(f"round {round_idx}: result from device {r.cid} that was not configured this round")
+            arm = Arm(float(pend["p"]), int(pend["r"]), tuple(pend["point"]) if pend.get("point") else None)
+            reward = self.reward_of(r.metrics, round_time)
+            ch = self._chooser(GlobalModel(meta=meta), r.cid, 0)
+            ch.update(arm, reward)
+            meta["bandits"][key] = ch.state_dict()
+            meta["masks"][key] = {k: {int(d): m.clone() for d, m in v.items()} for k, v in r.masks.items()}
+            meta["sparsity"][key] = float(r.metrics.get("sparsity", 0.0))
+            meta["rounds"][key] = int(meta["rounds"].get(key, 0)) + 1
+            meta["trace"].append({"device": r.cid, "round": round_idx, "ratio": arm.p, "rank": arm.r,
+                                  "reward": reward, "sparsity": meta["sparsity"][key],
+                                  "time_s": r.metrics.get("time_s"), "loss_before": r.metrics["loss_before"],
+                                  "loss_after": r.metrics["loss_after"]})
+        # arms of devices that dropped out or were cut off get no reward (nothing was observed)
+        meta["pending"] = {k: v for k, v in meta["pending"].items() if v["round"] > round_idx}
+        states = [r.lora for r in results]
+        masks = [r.masks for r in results]
+        w = [r.num_examples for r in results]
+        if self.reconcile == "flexlora":
+            new = masked_flexlora_aggregate(states, masks, w, global_.tensors, self.lora.alpha)
+        else:
+            r_max = self.r_max if self.reconcile == "hetlora" else None
+            new = masked_lora_aggregate(states, masks, w, global_.tensors, r_max)
+        meta["aggregated"] = True
+        return GlobalModel(new, global_.base_delta, meta)
+
+    def eval_delta(self, global_):
+        if self.reconcile == "flexlora":
+            return {m: d.clone() for m, d in global_.tensors.items()} if global_.meta.get("aggregated") else {}
+        return agg.lora_delta(global_.tensors, self.scaling(self.r_max))
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def finalize(self, sim) -> dict[str, Any]:
+        """Write the global LoRA, the bandit trace, the global pruned model at the fleet's average
+        ratio and the devices' deployable models into the run directory (``fedspine/``)."""
+        from .. import atomic, save_model
+        from ..fedspine.device import full_unit_masks, model_sparsity, unit_masks_from_lora_masks
+        from ..fedspine.export import consensus_masks, deployable_model, plain_model_with_delta
+        from .evaluation import merged_delta
+
+        out_dir = Path(sim.run_dir) / "fedspine"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        g = sim.global_
+        torch.save({"tensors": g.tensors, "reconcile": self.reconcile, "alpha": self.lora.alpha},
+                   out_dir / "global_lora.pt")
+        atomic.write_text(Path(sim.run_dir) / TRACE_FILE,
+                          "".join(json.dumps({**t, "device_class": sim.fleet[t["device"]].name}) + "\n"
+                                  for t in g.meta.get("trace", [])))
+        summary: dict[str, Any] = {"reconcile": self.reconcile, "chooser": self.chooser, "devices": {}}
+        ad = sim.base.adapter
+        masks = {int(k): full_unit_masks(ad, *unit_masks_from_lora_masks(ad, v)) for k, v in g.meta["masks"].items()}
+        if not masks or self.export == "none":
+            atomic.write_json(out_dir / "outputs.json", summary)
+            return summary
+        delta = merged_delta(g.base_delta, self.eval_delta(g))
+        spars = {cid: model_sparsity(ad, *m) for cid, m in masks.items()}
+        avg = sum(spars.values()) / len(spars)
+        plain = plain_model_with_delta(sim.base, delta)
+        hm, cm = consensus_masks(plain, list(masks.values()), min(avg, 0.99))
+        del plain
+        summary["fleet_average_sparsity"] = avg
+        summary["global"] = self._save(deployable_model(sim.base, delta, hm, cm), out_dir / "global_pruned",
+                                       sim.tokenizer, {"fedspine": {"role": "global", "target_ratio": avg}},
+                                       ad, hm, cm)
+        chosen = sorted(masks)
+        if self.export == "class":  # one representative per device class: the one that trained most
+            best: dict[str, int] = {}
+            for cid in chosen:
+                cls = sim.fleet[cid].name
+                n = g.meta["rounds"].get(str(cid), 0)
+                if cls not in best or n > g.meta["rounds"].get(str(best[cls]), 0):
+                    best[cls] = cid
+            chosen = sorted(best.values())
+        for cid in chosen:
+            name = f"{sim.fleet[cid].name}-{cid}"
+            info = self._save(deployable_model(sim.base, delta, *masks[cid]), out_dir / "devices" / name,
+                              sim.tokenizer, {"fedspine": {"role": "device", "device": cid,
+                                                           "device_class": sim.fleet[cid].name}}, ad, *masks[cid])
+            summary["devices"][name] = info
+        summary["device_sparsity"] = {str(k): v for k, v in spars.items()}
+        atomic.write_json(out_dir / "outputs.json", summary)
+        log.info("fedspine: wrote %d deployable model(s) and the global pruned model (sparsity %.3f) to %s",
+                 len(chosen), avg, out_dir)
+        return summary
+
+    @staticmethod
+    def _save(model, path: Path, tokenizer, extra: dict, adapter, hm, cm) -> dict:
+        from .. import save_model
+        from ..fedspine.device import model_sparsity
+
+        save_model(model, path, tokenizer=tokenizer, extra=extra)
+        n = sum(p.numel() for p in model.parameters())
+        rel = f"{path.parent.name}/{path.name}" if path.parent.name == "devices" else path.name
+        return {"path": rel, "params": n, "sparsity": model_sparsity(adapter, hm, cm)}

@@ -1,0 +1,196 @@
+"""FedSpine on the device: LoRA fine-tuning interleaved with structured pruning.
+
+One round on device ``k`` (``train_fedspine_client``, a drop-in for
+``federated.client.train_client``):
+
+1. load the global LoRA at the rank the server chose and the device's persistent unit
+   masks (sent back to it as LoRA row/column masks in ``task.extra["row_masks"]``);
+2. every local step: forward/backward on the soft-masked model, fold the LoRAPrune
+   importance of every head and FFN channel (LoRA gradients only) into the device's
+   moving average (kept across rounds, like an optimiser state), AdamW step;
+3. after every ``interval`` local steps: one pruning step on the cubic schedule from the
+   sparsity the device already has to the target ratio ``p`` the server chose
+   (``T = steps // interval`` pruning steps, so the target is reached at the last one).
+   Masks only ever grow (a pruned unit never comes back); if ``p`` is below the current
+   sparsity nothing is pruned this round;
+4. return the LoRA compacted to the kept rows/columns, the row/column masks, and metrics
+   the server may see: losses, sparsity reached, pruning progress, FLOPs (step-weighted
+   over the masks actually in force, plus the importance computation).
+
+Sparsity = fraction of the attention + FFN matmul parameters removed (the budget
+``fedspine.masks.layer_keep_masks`` works with).
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import torch
+
+from ..federated.aggregators import compact
+from ..federated.client import ClientResult, ClientTask, TrainSettings, _detach_state, sample_batches
+from ..federated.cost import train_flops
+from ..federated.partition import collate
+from ..federated.submodel import lora_masks
+from .importance import ImportanceEMA, peft_lora_parts, update_model_importance
+from .masks import apply_masks, attention_params, ffn_params, model_keep_masks
+from .schedule import cubic_sparsity
+
+Masks = Mapping[str, Mapping[int, torch.Tensor]]
+
+
+# ---- unit masks <-> LoRA row/column masks -----------------------------------------------------
+def unit_masks_from_lora_masks(adapter, masks: Masks | None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Recover ``({layer: bool[num_heads]}, {layer: bool[width]})`` from ``lora_masks`` output.
+
+    Heads come from the ``q_proj`` B rows or ``o_proj`` A columns, channels from
+    ``gate/up`` B rows or ``down`` A columns; a layer without such masks keeps everything.
+    """
+    heads: dict[int, torch.Tensor] = {}
+    chans: dict[int, torch.Tensor] = {}
+    hd = adapter.head_dim
+    for key, mk in (masks or {}).items():
+        parts = key.split(".")
+        i, role, which = int(parts[1]), parts[-2], parts[-1]
+        if role == "q_proj" and which == "lora_B" and 0 in mk:
+            heads[i] = mk[0].bool().view(-1, hd).all(dim=1)
+        elif role == "o_proj" and which == "lora_A" and 1 in mk:
+            heads[i] = mk[1].bool().view(-1, hd).all(dim=1)
+        elif role in ("gate_proj", "up_proj", "fc1") and which == "lora_B" and 0 in mk:
+            chans[i] = mk[0].bool()
+        elif role in ("down_proj", "fc2") and which == "lora_A" and 1 in mk:
+            chans[i] = mk[1].bool()
+    return heads, chans
+
+
+def full_unit_masks(adapter, heads: Mapping[int, torch.Tensor] | None = None,
+                    chans: Mapping[int, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Masks for every layer (all-true where none is given)."""
+    hm, cm = {}, {}
+    for i, layer in enumerate(adapter.layers):
+        hm[i] = (heads or {}).get(i, torch.ones(adapter.num_heads(layer), dtype=torch.bool)).bool().clone()
+        cm[i] = (chans or {}).get(i, torch.ones(adapter.ffn_out(layer).in_features, dtype=torch.bool)).bool().clone()
+    return hm, cm
+
+
+def model_sparsity(adapter, heads: Mapping[int, torch.Tensor], chans: Mapping[int, torch.Tensor]) -> float:
+    """Fraction of attention + FFN matmul parameters removed by the masks (whole model)."""
+    kept = total = 0
+    hid, hd = adapter.hidden_size, adapter.head_dim
+    for i, layer in enumerate(adapter.layers):
+        nh, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+        width = adapter.ffn_out(layer).in_features
+        total += attention_params(nh, nkv, hd, hid) + ffn_params(width, hid, adapter.gated_ffn)
+        h = heads.get(i, torch.ones(nh, dtype=torch.bool)).bool()
+        c = chans.get(i, torch.ones(width, dtype=torch.bool)).bool()
+        n_kv = int(h.view(nkv, -1).any(dim=1).sum())
+        kept += attention_params(int(h.sum()), n_kv, hd, hid) + ffn_params(int(c.sum()), hid, adapter.gated_ffn)
+    return 1.0 - kept / total
+
+
+def _importance_flops(base, keys: Sequence[str], rank: int) -> float:
+    """FLOPs of one LoRAPrune importance pass: ``G = dB A + B dA - dB dA`` and ``|G (W + s B A)|``."""
+    return float(sum(4 * 2 * base.shapes[k][0] * base.shapes[k][1] * rank for k in keys))
+
+
+# ---- the device round ------------------------------------------------------------------------------
+def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], settings: TrainSettings, seed: int,
+                          pad_id: int, device_state: Mapping | None = None) -> tuple[ClientResult, dict]:
+    """One FedSpine round on a device (see module doc). Returns the result and the device's
+    local state to keep for its next round (importance averages, AdamW moments if kept)."""
+    if not examples:
+        raise ValueError(f"client {task.cid} has no training examples")
+    t0 = time.perf_counter()
+    extra = task.extra or {}
+    target = float(extra.get("ratio", 0.0))
+    interval = int(extra.get("interval", 20))
+    momentum = float(extra.get("momentum", 0.9))
+    if not 0.0 <= target < 1.0 or interval < 1:
+        raise ValueError(f"bad FedSpine task: ratio={target}, interval={interval}")
+    base.load_lora(task.lora, task.rank)
+    torch.manual_seed(seed)
+    ad = base.adapter
+    keys = sorted(base.modules)
+    params = list(base.named_trainable(keys).values())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    state = dict(device_state or {})
+    if state.get("adamw") is not None and settings.keep_optimizer_state:
+        try:
+            opt.load_state_dict(state["adamw"])
+        except (ValueError, KeyError, RuntimeError):
+            pass  # rank changed since this device's last round: start fresh
+    ema = ImportanceEMA(momentum)
+    ema.load_state_dict(state.get("importance") or {})
+
+    hm, cm = full_unit_masks(ad, *unit_masks_from_lora_masks(ad, extra.get("row_masks")))
+    if task.head_masks:
+        hm.update({i: m.bool().clone() for i, m in task.head_masks.items()})
+    if task.channel_masks:
+        cm.update({i: m.bool().clone() for i, m in task.channel_masks.items()})
+    s_start = model_sparsity(ad, hm, cm)
+    steps = task.local_steps or settings.local_steps
+    n_prune = steps // interval
+    do_prune = target > s_start + 1e-9 and n_prune > 0
+    parts_fn = lambda mod: peft_lora_parts(mod, f"r{task.rank}")  # noqa: E731  (SharedBaseModel names adapters r{rank})
+    trainable = sum(p.numel() for p in params)
+    imp_flops = _importance_flops(base, keys, task.rank)
+
+    batches = sample_batches(examples, steps, settings.grad_accum, settings.batch_size, seed)
+    base.model.train()
+    losses, tokens, flops, prune_log = [], 0, 0.0, []
+    handle = apply_masks(base.model, hm, cm)
+    try:
+        for s in range(steps):
+            opt.zero_grad(set_to_none=True)
+            step_loss, step_tokens = 0.0, 0
+            for mb in batches[s * settings.grad_accum:(s + 1) * settings.grad_accum]:
+                batch = collate(mb, pad_id)
+                out = base.peft(**batch)
+                (out.loss / settings.grad_accum).backward()
+                step_loss += float(out.loss.detach()) / settings.grad_accum
+                step_tokens += int(batch["attention_mask"].sum())
+            hf = {i: float(m.float().mean()) for i, m in handle.head_masks.items()}
+            cf = {i: float(m.float().mean()) for i, m in handle.channel_masks.items()}
+            flops += train_flops(base.params_through(None, hf, cf), step_tokens, trainable)
+            tokens += step_tokens
+            if do_prune:  # importance from this step's LoRA gradients (before clipping), smoothed
+                scores = update_model_importance(base.model, ema, parts_fn)
+                flops += imp_flops
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            losses.append(step_loss)
+            if do_prune and (s + 1) % interval == 0 and (s + 1) // interval <= n_prune:
+                t = (s + 1) // interval
+                ratio = cubic_sparsity(t, n_prune, target, s_start)
+                new_h, new_c = model_keep_masks(base.model, {i: v[0] for i, v in scores.items()},
+                                                {i: v[1] for i, v in scores.items()}, ratio,
+                                                prev=(handle.head_masks, handle.channel_masks))
+                for i in new_h:  # edit in place: the hooks read these dicts
+                    handle.head_masks[i] = new_h[i]
+                    handle.channel_masks[i] = new_c[i]
+                prune_log.append(ratio)
+        hm, cm = dict(handle.head_masks), dict(handle.channel_masks)
+    finally:
+        handle.remove()
+        base.model.eval()
+
+    full = base.lora_state(keys)
+    masks = lora_masks(ad, keys, hm, cm)
+    lora = {k: compact(v, masks.get(k)) for k, v in full.items()}
+    sparsity = model_sparsity(ad, hm, cm)
+    tail = losses[-max(1, min(2, len(losses) // 2)):]
+    metrics = {
+        "train_loss_first": losses[0], "train_loss_last": losses[-1],
+        "train_loss_mean": sum(losses) / len(losses), "tokens": tokens, "steps": steps,
+        "loss_before": losses[0], "loss_after": sum(tail) / len(tail),
+        "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target,
+        "prune_steps": len(prune_log), "trainable_params": trainable,
+        "params_through": base.params_through(None, {i: float(m.float().mean()) for i, m in hm.items()},
+                                              {i: float(m.float().mean()) for i, m in cm.items()}),
+        "train_flops": flops, "wall_s": time.perf_counter() - t0,
+    }
+    keep = {"importance": ema.state_dict(),
+            "adamw": _detach_state(opt.state_dict()) if settings.keep_optimizer_state else None}
+    return ClientResult(task.cid, task.round, task.rank, lora, masks, len(examples), metrics), keep
+
