@@ -132,3 +132,27 @@ def test_auto_layer_fraction_picks_a_candidate():
     assert len(trials) == 4
     best = min(trials, key=lambda t: t["calibration_nll"])
     assert res.report["layer_fraction"] == best["layer_fraction"]
+
+
+def test_prune_cli_saves_a_reloadable_model(tmp_path, monkeypatch):
+    """The CLI calls the same function; the saved model reloads with the plan."""
+    from fedprune.cli import main
+    from fedprune import save_model
+
+    src = tmp_path / "tiny"
+    save_model(tiny_model("llama", num_hidden_layers=4, intermediate_size=192), src)
+    import fedprune.pruning as P
+
+    monkeypatch.setattr(P, "get_calibration", lambda tok, corpus, n, L, seed, data_dir=None: calib(n, L))
+    import fedprune.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_tokenizer", lambda spec: None)
+    import fedprune
+
+    monkeypatch.setattr(fedprune, "load_tokenizer", lambda spec: None)
+    rc = main(["prune", "--model", str(src), "--method", "comp", "--ratio", "0.25", "--nsamples", "4", "--seq-len",
+               "16", "--layer-fraction", "0", "--output", str(tmp_path / "out")])
+    assert rc == 0
+    m = fedprune.load_model(tmp_path / "out")
+    assert abs(1 - get_adapter(m).num_parameters() / get_adapter(fedprune.load_model(src)).num_parameters() - 0.25) < 0.005
+    assert main(["prune", "--model", str(src), "--ratio", "1.5", "--output", str(tmp_path / "bad")]) == 1

@@ -67,6 +67,8 @@ def available_methods() -> list[str]:
 def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:
     from ..data import calibration_samples
 
+    if tokenizer is None:
+        raise ValueError("prune() needs calib_ids or a tokenizer to draw calibration samples")
     return calibration_samples(tokenizer, corpus=corpus, nsamples=nsamples, seq_len=seq_len, seed=seed,
                                data_dir=data_dir)
 
@@ -87,8 +89,6 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
     fn = PRUNERS.get(method)
     adapter = get_adapter(model)
     if calib_ids is None:
-        if tokenizer is None:
-            raise ValueError("prune() needs calib_ids or a tokenizer to draw calibration samples")
         calib_ids = get_calibration(tokenizer, calibration, nsamples, seq_len, seed, data_dir)
     torch.manual_seed(seed)
     before = adapter.num_parameters()
@@ -109,7 +109,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
 
         save_model(model, output, tokenizer=tokenizer,
                    extra={"pruning": {k: v for k, v in result.summary().items() if k != "report"},
-                          "calibration": {"corpus": calibration if calib_ids is None else "given",
+                          "calibration": {"corpus": calibration,
                                           "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
                                           "seed": seed}, "options": {k: str(v) for k, v in options.items()}})
     return result

@@ -1,0 +1,226 @@
+"""Side-by-side pruning benchmark on SmolLM2-135M: COMP, its ablations and its peers.
+
+Every (method, ratio) runs in a fresh subprocess so its peak resident memory is its own:
+load the model, note the resident memory, prune with the shared calibration set, note the
+peak, then evaluate (WikiText-2 perplexity, the seven-task zero-shot average) and measure
+prefill/decode throughput next to the dense model in the same process. Each run writes
+``results/runs/<name>.json`` as soon as it finishes (a cut-off benchmark keeps what it
+finished; re-running skips finished runs), then ``results/pruning.{json,md,png}`` are
+rebuilt from all runs.
+
+    python benchmarks/pruning/run.py                       # the default grid
+    python benchmarks/pruning/run.py --only comp@0.2 --eval-limit 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+PEERS = ["magnitude", "wanda_sp", "flap", "llm_pruner", "shortgpt", "sleb"]
+# name -> (method, options)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "comp": ("comp", {}),
+    "comp_no_mask_tuning": ("comp", {"mask_tuning": False}),
+    "comp_layers_only": ("comp", {"layer_fraction": 1.0}),
+    "comp_neurons_only": ("comp", {"layer_fraction": 0.0}),
+    "comp_metric_energy": ("comp", {"neuron_metric": "energy"}),
+    "comp_metric_vif": ("comp", {"neuron_metric": "vif"}),
+    "comp_metric_compensated": ("comp", {"neuron_metric": "compensated"}),
+    "comp_metric_cond_loo": ("comp", {"neuron_metric": "cond_loo"}),
+    "comp_metric_mask_lsq": ("comp", {"neuron_metric": "mask_lsq"}),
+    **{p: (p, {}) for p in PEERS},
+}
+ABLATIONS = [k for k in VARIANTS if k.startswith("comp_")]
+
+
+def rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the peak is the pruning step's own."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def worker(args) -> dict:
+    import torch
+
+    import fedprune
+    from fedprune.evaluate import evaluate, speed
+    from fedprune.pruning import _peak_rss, prune
+    import psutil
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    method, opts = VARIANTS[args.name] if args.name != "dense" else (None, {})
+    tok = fedprune.load_tokenizer(args.model)
+    model = fedprune.load_model(args.model)
+    # copy weights out of the safetensors memory map so resident memory reflects the model
+    for p in model.parameters():
+        p.data = p.data.clone()
+    rec: dict = {"name": args.name, "method": method, "ratio": args.ratio, "options": opts,
+                 "calibration": {"corpus": "c4", "nsamples": args.nsamples, "seq_len": args.seq_len, "seed": args.seed}}
+    dense_speed = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
+    if method is not None:
+        from fedprune.pruning import get_calibration
+
+        calib = get_calibration(tok, "c4", args.nsamples, args.seq_len, args.seed)
+        import gc
+
+        gc.collect()
+        rss_loaded = rss_now()
+        reset_peak()
+        res = prune(model, method, args.ratio, calib_ids=calib, **opts)
+        peak = _peak_rss(psutil.Process())
+        rec.update(achieved_ratio=res.achieved_ratio, params_before=res.params_before, params_after=res.params_after,
+                   prune_wall_s=res.wall_time_s, rss_after_load=rss_loaded, prune_peak_rss=peak,
+                   prune_overhead_bytes=peak - rss_loaded,
+                   removed_layers=res.report.get("removed_layers"), layer_fraction=res.report.get("layer_fraction"))
+    # perplexity over the first N windows, zero-shot over the first M examples per task
+    ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
+    zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
+                  progress=False)
+    sp = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
+    rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"], zero_shot=zs["results"], zero_shot_avg=zs["average"],
+               speed=sp, dense_speed=dense_speed,
+               prefill_speedup=sp["prefill_tokens_per_s"] / dense_speed["prefill_tokens_per_s"],
+               decode_speedup=sp["decode_tokens_per_s"] / dense_speed["decode_tokens_per_s"],
+               settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "eval_limit": args.eval_limit,
+                         "tasks": args.tasks, "threads": args.threads})
+    return rec
+
+
+def run_one(args, name: str, ratio: float) -> dict | None:
+    out = RESULTS / "runs" / f"{name}@{ratio}.json"
+    if out.exists() and not args.force:
+        return json.loads(out.read_text())
+    cmd = [sys.executable, __file__, "--worker", "--name", name, "--ratio", str(ratio),
+           "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
+           "--ppl-windows", str(args.ppl_windows), "--eval-limit", str(args.eval_limit),
+           "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model]
+    t0 = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["wall_s_total"] = time.time() - t0
+    from fedprune import atomic
+
+    atomic.write_json(out, rec)
+    print(f"   ppl {rec['wikitext2_ppl']:.2f} avg {rec['zero_shot_avg']:.4f} "
+          f"ratio {rec.get('achieved_ratio', 0):.4f} in {rec['wall_s_total']:.0f}s", flush=True)
+    return rec
+
+
+def table(records: list[dict]) -> str:
+    head = ("| method | ratio | achieved | WikiText-2 ppl | 7-task avg | prune time (s) | prune peak RSS (MiB) "
+            "| overhead (MiB) | prefill x | decode x |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
+        mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
+        rows.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | "
+                    f"{r['zero_shot_avg']:.4f} | {r.get('prune_wall_s', 0):.0f} | {mib(r.get('prune_peak_rss'))} | "
+                    f"{mib(r.get('prune_overhead_bytes'))} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({r["name"] for r in records if r["name"] in ["comp"] + PEERS})
+    dense = next((r for r in records if r["name"] == "dense"), None)
+    for n in names:
+        rs = sorted((r for r in records if r["name"] == n), key=lambda r: r["ratio"])
+        xs = [r["ratio"] for r in rs]
+        axes[0].plot(xs, [r["zero_shot_avg"] for r in rs], marker="o", label=n)
+        axes[1].plot(xs, [r["wikitext2_ppl"] for r in rs], marker="o", label=n)
+    if dense:
+        axes[0].axhline(dense["zero_shot_avg"], color="k", ls="--", lw=0.8, label="dense")
+        axes[1].axhline(dense["wikitext2_ppl"], color="k", ls="--", lw=0.8, label="dense")
+    axes[0].set(xlabel="pruning ratio (of all parameters)", ylabel="7-task zero-shot average", title="accuracy")
+    axes[1].set(xlabel="pruning ratio (of all parameters)", ylabel="WikiText-2 perplexity (log)", yscale="log",
+                title="perplexity")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def summarise(args) -> None:
+    from fedprune import atomic
+
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    if not records:
+        return
+    md = (f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
+          f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
+          f"the seven tasks over the first {args.eval_limit} examples each (--limit); speed: prefill "
+          f"{args.prompt_len} tokens, decode {args.gen_len} tokens, batch 1, {args.threads} CPU threads, "
+          "ratios relative to the dense model in the same process.\n\n" + table(records))
+    atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records})
+    atomic.write_text(RESULTS / "pruning.md", md)
+    plot(records, RESULTS / "pruning.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--name", default="comp")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
+    ap.add_argument("--methods", default="comp," + ",".join(PEERS))
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help="COMP variants, run at --ablation-ratios")
+    ap.add_argument("--ablation-ratios", default="0.2")
+    ap.add_argument("--only", default=None, help="comma list of NAME@RATIO to run")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--eval-limit", type=int, default=100)
+    ap.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args), default=float))
+        return
+    jobs = [("dense", 0.0)]
+    if args.only:
+        jobs = [(j.split("@")[0], float(j.split("@")[1])) for j in args.only.split(",")]
+    else:
+        ratios = [float(r) for r in args.ratios.split(",")]
+        for r in ratios:
+            jobs += [(m, r) for m in args.methods.split(",") if m]
+        for r in [float(x) for x in args.ablation_ratios.split(",") if x]:
+            jobs += [(a, r) for a in args.ablations.split(",") if a]
+    for name, ratio in jobs:
+        run_one(args, name, ratio)
+        summarise(args)
+
+
+if __name__ == "__main__":
+    main()

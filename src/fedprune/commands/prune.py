@@ -1,0 +1,65 @@
+"""``fedprune prune``: post-training structured pruning of a model, saved as a reloadable checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
+    p.add_argument("--method", default="comp", help="comp, magnitude, wanda_sp, flap, llm_pruner, shortgpt, sleb")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 1)")
+    p.add_argument("--calibration", default="c4", help="calibration corpus (c4, wikitext2, ...)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="benchmark data directory (default: $FEDPRUNE_DATA or ../shared/data)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layer-fraction", default=None,
+                   help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
+    p.add_argument("--neuron-metric", default=None, help="COMP: energy, vif, compensated, mask_lsq, cond_loo")
+    p.add_argument("--no-mask-tuning", action="store_true", help="COMP: skip mask tuning")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method option, e.g. -o head_sparsity=0 -o batch_size=4")
+    p.add_argument("--output", required=True, help="directory for the pruned model")
+
+
+def options_from_args(args) -> dict:
+    opts = {}
+    if args.layer_fraction is not None:
+        opts["layer_fraction"] = args.layer_fraction if args.layer_fraction == "auto" else float(args.layer_fraction)
+    if args.neuron_metric:
+        opts["neuron_metric"] = args.neuron_metric
+    if args.no_mask_tuning:
+        opts["mask_tuning"] = False
+    for item in args.option:
+        if "=" not in item:
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        opts[k.replace("-", "_")] = _value(v)
+    return opts
+
+
+def run(args) -> int:
+    from .. import load_model, load_tokenizer
+    from ..pruning import prune
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.model)
+    res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration, nsamples=args.nsamples,
+                seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir, output=args.output,
+                **options_from_args(args))
+    s = res.summary()
+    print(json.dumps({k: s[k] for k in ("method", "ratio", "achieved_ratio", "params_before", "params_after",
+                                         "wall_time_s", "peak_rss_bytes")}, indent=2))
+    print(f"saved to {args.output}")
+    return 0
