@@ -69,9 +69,21 @@ def _zero_output_hook(module: nn.Module, args, output):
 class _Bypass(nn.Module):
     """Stands in for a skipped sub-block: returns zeros shaped like its input, computes nothing."""
 
-    def __init__(self, returns_tuple: bool):
+    def __init__(self, returns_tuple: bool, original: nn.Module | None = None):
         super().__init__()
         self.returns_tuple = returns_tuple
+        # kept unregistered (its parameters are not the stub's), so that code reading the
+        # layer's structure (adapters, cost counters) still finds q_proj, gate_proj, ...
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args, **kwargs):
         x = hidden_states if hidden_states is not None else args[0]
@@ -104,7 +116,7 @@ def skip_blocks(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] =
                 block = ad.attention(layer) if kind == "attn" else ad.mlp(layer)
                 name = _child_name(layer, block) if block is not layer else None
                 if name is not None:
-                    setattr(layer, name, _Bypass(returns_tuple=kind == "attn"))
+                    setattr(layer, name, _Bypass(returns_tuple=kind == "attn", original=block))
                     swapped.append((layer, name, block))
                 else:
                     target = block if block is not layer else ad.ffn_out(layer)
