@@ -54,6 +54,8 @@ class FedSpine(LoraStrategy):
         chooser_kwargs: extra arguments of the chooser (``c``, ``lipschitz``, ...).
         momentum: importance moving-average momentum on the device (0.9).
         export: ``class`` (one deployable model per device class), ``all``, or ``none``.
+        global_ratio: sparsity of the exported global pruned model (default: the fleet's
+            average, over the devices that trained).
     """
 
     name = "fedspine"
@@ -61,7 +63,7 @@ class FedSpine(LoraStrategy):
     def __init__(self, lora, ranks=None, chooser: str = "s-ucb", p_range: Sequence[float] = (0.1, 0.6),
                  p_grid: Sequence[float] | None = None, interval: int = 20, reconcile: str = "flexlora",
                  reward: str = "fedspine", reward_kwargs: dict | None = None, chooser_kwargs: dict | None = None,
-                 momentum: float = 0.9, export: str = "class"):
+                 momentum: float = 0.9, export: str = "class", global_ratio: float | None = None):
         from ..fedspine.aggregate import RECONCILE
         from ..fedspine.bandit import CHOOSERS
         from ..fedspine.reward import REWARDS
@@ -88,6 +90,9 @@ class FedSpine(LoraStrategy):
         self.reward_name, self.reward_kwargs = reward, dict(reward_kwargs or {})
         self.chooser_kwargs = dict(chooser_kwargs or {})
         self.momentum, self.export = float(momentum), export
+        if global_ratio is not None and not 0 <= global_ratio < 1:
+            raise ValueError(f"fedspine global_ratio must lie in [0, 1), got {global_ratio}")
+        self.global_ratio = global_ratio
 
     # ---- the device program ------------------------------------------------------------
     @property
@@ -224,11 +229,12 @@ class FedSpine(LoraStrategy):
         spars = {cid: model_sparsity(ad, *m) for cid, m in masks.items()}
         avg = sum(spars.values()) / len(spars)
         plain = plain_model_with_delta(sim.base, delta)
-        hm, cm = consensus_masks(plain, list(masks.values()), min(avg, 0.99))
+        ratio = avg if self.global_ratio is None else self.global_ratio
+        hm, cm = consensus_masks(plain, list(masks.values()), min(ratio, 0.99))
         del plain
         summary["fleet_average_sparsity"] = avg
         summary["global"] = self._save(deployable_model(sim.base, delta, hm, cm), out_dir / "global_pruned",
-                                       sim.tokenizer, {"fedspine": {"role": "global", "target_ratio": avg}},
+                                       sim.tokenizer, {"fedspine": {"role": "global", "target_ratio": ratio}},
                                        ad, hm, cm)
         chosen = sorted(masks)
         if self.export == "class":  # one representative per device class: the one that trained most

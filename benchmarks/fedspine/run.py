@@ -1,0 +1,341 @@
+"""FedSpine vs baselines on SmolLM2-135M and the simulated 80-Jetson fleet (scaled down for a CPU).
+
+    .venv/bin/python benchmarks/fedspine/run.py             # every method (resume-safe)
+    .venv/bin/python benchmarks/fedspine/run.py fedit fedspine   # some
+    .venv/bin/python benchmarks/fedspine/run.py --report    # rebuild table/plots from results.json
+
+Methods (same seeds, fleet, Dirichlet split, LoRA targets, local steps and evaluation):
+  fedit            FedIT, rank 8, no pruning
+  hetlora          HetLoRA, rank by device class (TX2 4, Xavier NX 8, AGX 16), no pruning
+  fedit-prune      FedIT + the same device-side prune-and-tune at a uniform ratio P on every device
+  fedspine-random  FedSpine with uniformly random (p, r)
+  fedspine-ucb1    FedSpine with UCB1 over a fixed 6 x 4 grid of (p, r)
+  fedspine         FedSpine with S-UCB (the method)
+
+Per round the server evaluates its global LoRA merged into the dense base (held-out loss):
+that curve gives time to target. At the end every method's global model is compared at equal
+sparsity P (the pruned methods' global model is pruned to exactly P by device-mask consensus;
+FedIT/HetLoRA are reported dense) on held-out loss, Rouge-L and a small zero-shot average, and
+FedSpine's deployed per-class models on inference speed and memory.
+
+Writes benchmarks/fedspine/results/{results.json, results.md, *.png} after every method; run
+directories under results/runs/<method> resume from their checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results"
+ROOT = HERE.parents[1]
+
+P_EQUAL = 0.3  # the common sparsity of the equal-sparsity comparison (and fedit-prune's uniform ratio)
+TARGET_FRACTION = 0.5  # target loss = base - 0.5 x (base - best final loss over methods)
+ZS_TASKS = "boolq,piqa,arc_easy,winogrande"
+ZS_LIMIT = 24
+ROUGE_N, ROUGE_TOKENS = 6, 24
+
+COMMON = [
+    "data.max_examples_per_client=32", "train.local_steps=4", "train.grad_accum=1", "train.batch_size=1",
+    "train.seq_len=128", "train.lr=0.0005", "federation.rounds=6", "federation.clients_per_round=6",
+    "federation.dropout=false", "federation.deadline_s=0", "eval.every=1", "eval.loss_examples=24",
+    "eval.rouge_examples=0", "eval.batch_size=8",
+]
+SPINE = ["federation.strategy=fedspine"]
+SPINE_OPTIONS = {"interval": 2, "export": "class", "global_ratio": P_EQUAL, "p_range": [0.1, 0.5],
+                 "reconcile": "flexlora", "reward": "fedspine", "reward_kwargs": {"progress_floor": 0.2}}
+HET_RANKS = "[" + ",".join(["4"] * 30 + ["8"] * 40 + ["16"] * 10) + "]"
+# name -> (config overrides, federation.options)
+METHODS = {
+    "fedit": (["federation.strategy=fedit", "federation.ranks=[]", "lora.rank=8"], {}),
+    "hetlora": (["federation.strategy=hetlora", f"federation.ranks={HET_RANKS}"], {}),
+    "fedit-prune": (SPINE + ["federation.ranks=[8]"],
+                    dict(SPINE_OPTIONS, chooser="random", p_range=[P_EQUAL, P_EQUAL], reconcile="fedavg")),
+    "fedspine-random": (SPINE + ["federation.ranks=[2,4,8,16]"], dict(SPINE_OPTIONS, chooser="random")),
+    "fedspine-ucb1": (SPINE + ["federation.ranks=[2,4,8,16]"], dict(SPINE_OPTIONS, chooser="ucb1-grid")),
+    "fedspine": (SPINE + ["federation.ranks=[2,4,8,16]"], dict(SPINE_OPTIONS, chooser="s-ucb")),
+}
+PRUNED = {"fedit-prune", "fedspine-random", "fedspine-ucb1", "fedspine"}
+SHORTCUTS = (
+    "SmolLM2-135M (de-quantised GGUF, float32) on 2 CPU cores shared with 3 other jobs; the 80-device fleet "
+    "tx2:30,xavier-nx:40,agx-xavier:10 is simulated (time = FLOPs / effective device FLOP/s + bytes / link, "
+    "log-normal jitter; server sees only observed times). Dolly-15k Dirichlet(0.5) over 80 clients, capped at 32 "
+    "records each. 6 of 80 devices per round, 6 rounds, 4 local steps of 1 example <= 128 tokens (the paper: many "
+    "more), so the pruning interval is scaled from 20 to 2 local steps (2 pruning steps per round); no dropout, no "
+    "deadline. LoRA on all 7 projections (needed for head/FFN importance), alpha 16, lr 5e-4. Held-out loss on 24 "
+    "Dolly test records (spread over categories) each round; Rouge-L on 6 records with 24 greedy tokens; zero-shot "
+    f"{ZS_TASKS} with --limit {ZS_LIMIT} each (noisy: +-10 points). One seed. Inference speed on the shared CPU "
+    "(wall-clock, contended)."
+)
+
+
+# ---- config -----------------------------------------------------------------------------------
+def method_config(name: str):
+    import yaml
+
+    from fedprune.federated.config import FederatedConfig, apply_overrides
+
+    d = yaml.safe_load((ROOT / "configs/federated/fedspine.yaml").read_text())
+    overrides, options = METHODS[name]
+    d = apply_overrides(d, COMMON + overrides)
+    d["federation"]["options"] = options
+    return FederatedConfig.from_dict(d)
+
+
+# ---- final evaluation ---------------------------------------------------------------------------
+def final_models(sim, name: str) -> dict:
+    """{label: model} to evaluate: the global model (pruned to P for pruned methods) + deployed ones."""
+    from fedprune import load_model
+    from fedprune.fedspine.export import plain_model_with_delta
+    from fedprune.federated.evaluation import merged_delta
+
+    if name in PRUNED:
+        out = {"global": load_model(str(sim.run_dir / "fedspine" / "global_pruned"))}
+        summary = json.loads((sim.run_dir / "fedspine" / "outputs.json").read_text())
+        for dev, info in summary["devices"].items():
+            out[dev] = load_model(str(sim.run_dir / "fedspine" / info["path"]))
+        return out
+    g = sim.global_
+    return {"global": plain_model_with_delta(sim.base, merged_delta(g.base_delta, sim.strategy.eval_delta(g)))}
+
+
+def evaluate_model(model, tok, records, seq_len: int, full: bool) -> dict:
+    import torch
+
+    from fedprune.evaluate import evaluate as ev_harness
+    from fedprune.evaluate.speed import speed
+    from fedprune.federated.evaluation import heldout_loss, rouge_l, spread_subset
+
+    holder = types.SimpleNamespace(model=model)
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    with torch.no_grad():
+        out.update(heldout_loss(holder, tok, spread_subset(records, 24), seq_len, 8))
+        if full:
+            out.update(rouge_l(holder, tok, spread_subset(records, ROUGE_N), ROUGE_TOKENS))
+            zs = ev_harness(model, tok, ZS_TASKS, limit=ZS_LIMIT, progress=False)
+            out["zero_shot"] = {t: v.get("acc") for t, v in zs["results"].items()}
+            out["zero_shot_avg"] = zs["average"]
+    sp = speed(model, tok, prompt_len=64, gen_len=16, batch=1, repeats=2)
+    out["speed"] = {k: sp[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes",
+                                       "parameter_bytes")}
+    return out
+
+
+def run_method(name: str, results: dict) -> None:
+    import torch
+
+    from fedprune.federated.simulation import CHECKPOINT, Simulation
+
+    run_dir = OUT / "runs" / name
+    cfg = method_config(name)
+    sim = Simulation(cfg, run_dir)
+    t0 = time.perf_counter()
+    sim.run(resume=(run_dir / CHECKPOINT).exists())
+    train_wall = time.perf_counter() - t0
+    curve = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    clients = [json.loads(x) for x in (run_dir / "clients.jsonl").read_text().splitlines() if x.strip()]
+    entry = {
+        "curve": [{k: m.get(k) for k in ("round", "test_loss", "sim_time_s", "round_sim_time_s", "train_loss",
+                                           "bytes_up", "bytes_down")} for m in curve],
+        "train_wall_s": train_wall, "sim_time_s": curve[-1]["sim_time_s"],
+        "mb_moved": (curve[-1]["bytes_up"] + curve[-1]["bytes_down"]) / 1e6,
+        "client_time_by_class": _mean_by(clients, "device", "sim_time_s"),
+    }
+    trace_path = run_dir / "bandit_trace.jsonl"
+    if trace_path.exists():
+        entry["trace"] = [json.loads(x) for x in trace_path.read_text().splitlines() if x.strip()]
+        out = json.loads((run_dir / "fedspine" / "outputs.json").read_text())
+        entry["fleet_average_sparsity"] = out.get("fleet_average_sparsity")
+        entry["global_sparsity"] = out["global"]["sparsity"]
+        entry["device_sparsity_by_class"] = {d.rsplit("-", 1)[0]: v["sparsity"] for d, v in out["devices"].items()}
+    models = final_models(sim, name)
+    entry["final"] = {}
+    for label, model in models.items():
+        t = time.perf_counter()
+        entry["final"][label] = evaluate_model(model, sim.tokenizer, sim.test_records, cfg.train.seq_len,
+                                               full=(label == "global"))
+        entry["final"][label]["eval_s"] = time.perf_counter() - t
+        del model
+    results["methods"][name] = entry
+    save(results)
+    del sim
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def _mean_by(rows, key, value) -> dict:
+    acc: dict = {}
+    for r in rows:
+        if r.get(value) is not None:
+            acc.setdefault(r[key], []).append(r[value])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+# ---- summary, table, plots ----------------------------------------------------------------------
+def time_to(curve: list[dict], target: float) -> float | None:
+    for m in curve:
+        if m.get("test_loss") is not None and m["test_loss"] <= target:
+            return m["sim_time_s"]
+    return None
+
+
+def summarise(results: dict) -> dict:
+    ms = results["methods"]
+    if not ms:
+        return {}
+    base = next(iter(ms.values()))["curve"][0]["test_loss"]
+    best_final = min(min(m["test_loss"] for m in r["curve"] if m.get("test_loss") is not None) for r in ms.values())
+    target = base - TARGET_FRACTION * (base - best_final)
+    per = {}
+    for name, r in ms.items():
+        g = r["final"]["global"]
+        per[name] = {
+            "time_to_target_s": time_to(r["curve"], target),
+            "final_heldout_loss_dense_global": r["curve"][-1]["test_loss"],
+            "final_heldout_loss_at_equal_sparsity": g["test_loss"],
+            "rouge_l": g.get("rouge_l"), "zero_shot_avg": g.get("zero_shot_avg"),
+            "sparsity_of_compared_model": r.get("global_sparsity", 0.0),
+            "sim_time_s": r["sim_time_s"], "mb_moved": r["mb_moved"],
+        }
+    baselines = [n for n in per if not n.startswith("fedspine")]
+    reached = [per[n]["time_to_target_s"] for n in baselines if per[n]["time_to_target_s"] is not None]
+    best_base = min(reached) if reached else None
+    fs = per.get("fedspine", {}).get("time_to_target_s")
+    speedup = (best_base / fs) if (best_base is not None and fs) else None
+    return {"base_heldout_loss": base, "target_heldout_loss": target, "target_rule":
+            f"base - {TARGET_FRACTION} x (base - best held-out loss of any method)",
+            "best_baseline_time_to_target_s": best_base, "fedspine_time_to_target_s": fs,
+            "speedup_vs_best_baseline": speedup, "equal_sparsity": P_EQUAL, "methods": per}
+
+
+def save(results: dict) -> None:
+    from fedprune import atomic
+
+    results["summary"] = summarise(results)
+    atomic.write_json(OUT / "results.json", results)
+    atomic.write_text(OUT / "results.md", markdown(results))
+    try:
+        plots(results)
+    except Exception as exc:  # plotting must never lose results
+        logging.warning("plots failed: %s", exc)
+
+
+def _f(x, fmt=".3f"):
+    return "n/a" if x is None else format(x, fmt)
+
+
+def markdown(results: dict) -> str:
+    s = results["summary"]
+    if not s:
+        return "# FedSpine benchmark\n\n(no results yet)\n"
+    rows = ["| method | time to target (sim s) | final loss, dense global | loss at equal sparsity | sparsity | "
+            "Rouge-L | zero-shot avg | sim time (s) | MB moved |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, m in s["methods"].items():
+        rows.append(f"| {n} | {_f(m['time_to_target_s'], '.1f')} | {_f(m['final_heldout_loss_dense_global'], '.4f')} | "
+                    f"{_f(m['final_heldout_loss_at_equal_sparsity'], '.4f')} | {_f(m['sparsity_of_compared_model'], '.2f')} | "
+                    f"{_f(m['rouge_l'])} | {_f(m['zero_shot_avg'])} | {m['sim_time_s']:.1f} | {m['mb_moved']:.1f} |")
+    dep = ["| method | deployed model | params | sparsity | prefill tok/s | decode tok/s | param MB | peak RSS MB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for n, r in results["methods"].items():
+        for label, f in r["final"].items():
+            sp = f["speed"]
+            dep.append(f"| {n} | {label} | {f['params'] / 1e6:.1f} M | "
+                       f"{_f((r.get('device_sparsity_by_class') or {}).get(label.rsplit('-', 1)[0]) if label != 'global' else r.get('global_sparsity', 0.0), '.2f')} | "
+                       f"{sp['prefill_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | "
+                       f"{sp['parameter_bytes'] / 2**20:.0f} | {sp['peak_memory_bytes'] / 2**20:.0f} |")
+    sp = s.get("speedup_vs_best_baseline")
+    verdict = ("n/a (FedSpine or every baseline did not reach the target)" if sp is None else
+               f"{sp:.2f}x" + ("" if sp >= 1.4 else f" (short of the claimed 1.4x by {1.4 - sp:.2f}x)"))
+    return ("# FedSpine benchmark\n\n"
+            f"Target held-out loss {s['target_heldout_loss']:.4f} ({s['target_rule']}; base {s['base_heldout_loss']:.4f}). "
+            f"Speed-up of FedSpine (S-UCB) vs the best baseline in simulated time to target: **{verdict}**.\n\n"
+            + "\n".join(rows) + "\n\nDeployed models (FedSpine methods: one per device class + the global model "
+            f"pruned to {P_EQUAL}; FedIT/HetLoRA: dense):\n\n" + "\n".join(dep)
+            + f"\n\nShortcuts: {SHORTCUTS}\n\nCommand: `.venv/bin/python benchmarks/fedspine/run.py`\n\n"
+            "![loss vs time](loss_vs_time.png)\n\n![choices](choices.png)\n")
+
+
+def plots(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, r in results["methods"].items():
+        pts = [(m["sim_time_s"], m["test_loss"]) for m in r["curve"] if m.get("test_loss") is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    s = results.get("summary") or {}
+    if s.get("target_heldout_loss"):
+        ax.axhline(s["target_heldout_loss"], color="grey", ls="--", lw=1, label="target")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("held-out loss (global LoRA, dense base)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "loss_vs_time.png", dpi=120)
+    plt.close(fig)
+    spine = [n for n in results["methods"] if n.startswith("fedspine")]
+    if not spine:
+        return
+    fig, axes = plt.subplots(2, len(spine), figsize=(4 * len(spine), 6), squeeze=False)
+    for j, n in enumerate(spine):
+        tr = results["methods"][n].get("trace", [])
+        for cls in ("tx2", "xavier-nx", "agx-xavier"):
+            rows = [t for t in tr if t.get("device_class") == cls]
+            rounds = sorted({t["round"] for t in rows})
+            for i, key in enumerate(("ratio", "rank")):
+                ys = [sum(t[key] for t in rows if t["round"] == rd) / max(1, sum(1 for t in rows if t["round"] == rd))
+                      for rd in rounds]
+                axes[i][j].plot(rounds, ys, marker="o", label=cls)
+        axes[0][j].set_title(n)
+        axes[0][j].set_ylabel("chosen pruning ratio")
+        axes[1][j].set_ylabel("chosen LoRA rank")
+        axes[1][j].set_xlabel("round")
+        axes[0][j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "choices.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("methods", nargs="*", help=f"subset of {', '.join(METHODS)}")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and plots")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    p = OUT / "results.json"
+    results = json.loads(p.read_text()) if p.exists() else {}
+    results.setdefault("methods", {})
+    results["settings"] = {"common": COMMON, "methods": METHODS, "shortcuts": SHORTCUTS, "zs_tasks": ZS_TASKS,
+                           "zs_limit": ZS_LIMIT, "equal_sparsity": P_EQUAL}
+    if args.report:
+        save(results)
+        return 0
+    for name in args.methods or list(METHODS):
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        if name in results["methods"]:
+            logging.info("%s: done already (delete it from results.json to rerun)", name)
+            continue
+        logging.info("=== %s ===", name)
+        run_method(name, results)
+    save(results)
+    s = results["summary"]
+    print(json.dumps({k: v for k, v in s.items() if k != "methods"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
