@@ -1,0 +1,252 @@
+"""Export LLaMA-family models (pruned ones included) to a GGUF file that llama.cpp runs.
+
+Layout decisions, checked against llama.cpp's model loader:
+
+- Every layer the same shape -> architecture ``llama`` with scalar head counts and FFN length.
+- Layers of different shapes (fedprune's per-layer pruning) -> architecture ``deci``. llama.cpp
+  *parses* per-layer arrays for ``llama`` too, but its ``llama`` graph sizes every layer's
+  tensors from layer 0; the ``deci`` graph (Nemotron-NAS: a LLaMA block with per-layer head
+  counts and FFN widths) reads ``head_count``, ``head_count_kv`` and ``feed_forward_length``
+  per layer and is otherwise the same block (RMSNorm, normal RoPE, SwiGLU).
+- ``attention.key_length``/``value_length`` are always written: llama.cpp otherwise derives the
+  head size from ``embedding_length / head_count[0]``, which is wrong once heads are pruned.
+- q/k rows are reordered for llama.cpp's RoPE pairing (see :mod:`.rotary`).
+- Biases on ``o_proj``/``down_proj`` (FLAP's bias compensation) are written as
+  ``attn_output.bias``/``ffn_down.bias``, which both graphs add; q/k/v/gate/up biases are not
+  part of these graphs and are refused.
+
+``outtype``: ``f32``, ``f16`` or ``q8_0`` for the 2-D weights (norms and biases stay f32;
+a q8_0 tensor whose rows are not a multiple of 32 falls back to f16, and the report says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import UnsupportedModelError
+from .gguf_tokenizer import gguf_vocab
+from .rotary import to_llamacpp_rotary
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "q8_0")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+_BIAS_OK = {"o_proj": "attn_output", "down_proj": "ffn_down"}
+
+
+# ---- inputs -------------------------------------------------------------------------
+def _resolve(model_or_dir, tokenizer):
+    """A plain (LoRA-merged) model and its tokenizer."""
+    from .. import load_model, load_tokenizer
+
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model = load_model(model_or_dir)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_or_dir)
+    else:
+        model = model_or_dir
+    if hasattr(model, "merge_and_unload"):  # a PEFT model: fold the LoRA deltas into the base weights
+        log.info("merging LoRA adapters into the base weights before export")
+        model = model.merge_and_unload()
+    if tokenizer is None:
+        spec = getattr(model, "_fedprune_spec", None)
+        if spec is None:
+            raise ValueError("export_gguf needs tokenizer= for an in-memory model (GGUF files carry the tokenizer)")
+        tokenizer = load_tokenizer(spec)
+    return model, tokenizer
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def unsupported_reasons(model) -> list[str]:
+    """Why ``model`` cannot be written as a llama.cpp LLaMA/deci GGUF (empty list: it can)."""
+    c = model.config
+    if c.model_type not in SUPPORTED_MODEL_TYPES:
+        return [f"architecture {c.model_type!r} is not exported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"]
+    reasons = []
+    if getattr(c, "hidden_act", "silu") != "silu":
+        reasons.append(f"activation {c.hidden_act!r}: llama.cpp's LLaMA block is SwiGLU (silu)")
+    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if rope_type not in (None, "default"):
+        reasons.append(f"RoPE scaling {rope_type!r} is not exported (only plain RoPE)")
+    sw = getattr(c, "sliding_window", None)
+    if c.model_type == "mistral" and sw is not None and sw < c.max_position_embeddings:
+        reasons.append(f"sliding-window attention ({sw} tokens) is not part of the llama graph")
+    for name, mod in model.named_modules():
+        if "lora_" in name:
+            reasons.append(f"unmerged LoRA module {name}: pass the PEFT model (it is merged) or merge it first")
+            break
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            proj = name.split(".")[-2]
+            if proj not in _BIAS_OK:
+                reasons.append(f"bias {name}: llama.cpp's LLaMA graph has no {proj} bias")
+    return reasons
+
+
+# ---- tensors ------------------------------------------------------------------------
+def _encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any, str]:
+    """(data, raw_dtype, stored type) for one tensor."""
+    import gguf
+
+    a = t.detach().to(torch.float32).cpu().numpy()
+    if a.ndim == 1 or outtype == "f32":
+        return a, None, "f32"
+    if outtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        if a.shape[-1] % block == 0:
+            return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, "q8_0"
+    return a.astype(np.float16), None, "f16"
+
+
+def model_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in llama.cpp layout) for every weight, in file order."""
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    yield "token_embd.weight", ad.embed_tokens().weight
+    for i, layer in enumerate(ad.layers):
+        q, k, v = ad.qkv(layer)
+        o = ad.o_proj(layer)
+        gate, up = ad.ffn_in(layer)
+        down = ad.ffn_out(layer)
+        blk = f"blk.{i}"
+        yield f"{blk}.attn_norm.weight", ad.input_norm(layer).weight
+        yield f"{blk}.attn_q.weight", to_llamacpp_rotary(q.weight, ad.num_heads(layer))
+        yield f"{blk}.attn_k.weight", to_llamacpp_rotary(k.weight, ad.num_kv_heads(layer))
+        yield f"{blk}.attn_v.weight", v.weight
+        yield f"{blk}.attn_output.weight", o.weight
+        if o.bias is not None:
+            yield f"{blk}.attn_output.bias", o.bias
+        yield f"{blk}.ffn_norm.weight", ad.post_attention_norm(layer).weight
+        yield f"{blk}.ffn_gate.weight", gate.weight
+        yield f"{blk}.ffn_up.weight", up.weight
+        yield f"{blk}.ffn_down.weight", down.weight
+        if down.bias is not None:
+            yield f"{blk}.ffn_down.bias", down.bias
+    yield "output_norm.weight", ad.final_norm().weight
+    head = ad.lm_head()
+    if not getattr(model.config, "tie_word_embeddings", False) or head.weight is not ad.embed_tokens().weight:
+        yield "output.weight", head.weight
+
+
+# ---- writing ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` renamed onto it on success (see :mod:`fedprune.atomic`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def layer_shapes(model) -> list[dict[str, int]]:
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    return [{"heads": ad.num_heads(l), "kv_heads": ad.num_kv_heads(l), "ffn": ad.intermediate_size(l)}
+            for l in ad.layers]
+
+
+def export_gguf(model_or_dir, out_file: str | os.PathLike, outtype: str = "f16", tokenizer=None,
+                tokenizer_pre: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Write ``model_or_dir`` (a model, a PEFT model, or a model directory/spec) to ``out_file``.
+
+    Raises :class:`UnsupportedModelError` (a ``ValueError``) naming every reason when the model
+    cannot be represented. Returns a report: path, architecture, outtype, bytes, tensor types.
+    """
+    import gguf
+
+    from ..adapters import get_adapter
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r} not supported; choose one of {', '.join(OUTTYPES)}")
+    model, tokenizer = _resolve(model_or_dir, tokenizer)
+    reasons = unsupported_reasons(model)
+    if reasons:
+        raise UnsupportedModelError("cannot export to GGUF: " + "; ".join(reasons))
+    ad = get_adapter(model)
+    c = model.config
+    shapes = layer_shapes(model)
+    uniform = len({tuple(s.values()) for s in shapes}) == 1
+    arch = "llama" if uniform else "deci"
+    vocab_rows = int(ad.embed_tokens().weight.shape[0])
+    vocab = gguf_vocab(tokenizer, vocab_rows, tokenizer_pre)
+    out_file = Path(out_file)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+    def per_layer(key: str):
+        vals = [s[key] for s in shapes]
+        return vals[0] if uniform else vals
+
+    stored: dict[str, str] = {}
+    with _atomic_path(out_file) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(name or Path(str(getattr(c, "_name_or_path", "") or "model")).name or "model")
+        w.add_context_length(int(c.max_position_embeddings))
+        w.add_embedding_length(ad.hidden_size)
+        w.add_block_count(ad.num_layers)
+        w.add_feed_forward_length(per_layer("ffn"))
+        w.add_head_count(per_layer("heads"))
+        w.add_head_count_kv(per_layer("kv_heads"))
+        w.add_key_length(ad.head_dim)
+        w.add_value_length(ad.head_dim)
+        w.add_rope_dimension_count(ad.head_dim)
+        w.add_rope_freq_base(_rope_theta(c))
+        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+        w.add_vocab_size(vocab_rows)
+        w.add_file_type(file_type)
+        w.add_string("fedprune.layers", json.dumps(shapes, separators=(",", ":")))
+        # tokenizer
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.token_types)
+        w.add_token_merges(vocab.merges)
+        for key, tid in vocab.special_ids.items():
+            getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "pad": "add_pad_token_id",
+                        "unk": "add_unk_token_id"}[key])(tid)
+        w.add_add_bos_token(vocab.add_bos)
+        w.add_add_eos_token(vocab.add_eos)
+        if vocab.chat_template:
+            w.add_chat_template(vocab.chat_template)
+        with torch.no_grad():
+            for tname, t in model_tensors(model):
+                data, raw, kind = _encode(t, outtype)
+                w.add_tensor(tname, data, raw_dtype=raw)
+                stored[tname] = kind
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    counts: dict[str, int] = {}
+    for kind in stored.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    fallback = [n for n, k in stored.items() if outtype == "q8_0" and k == "f16"]
+    if fallback:
+        log.warning("%d tensors stored as f16 (rows not a multiple of 32): %s", len(fallback), fallback[:4])
+    return {"path": str(out_file), "architecture": arch, "outtype": outtype, "bytes": out_file.stat().st_size,
+            "num_layers": ad.num_layers, "uniform_layers": uniform, "tensor_types": counts,
+            "q8_0_fallback_f16": fallback, "tokenizer_pre": vocab.pre}
