@@ -88,8 +88,16 @@ class _ClientRuntime:
         from .partition import build_partitions
         from .simulation import load_base
 
+        from .strategies import make_strategy
+
         model, self.tokenizer = load_base(cfg)
         self.base = SharedBaseModel(model, cfg.lora)
+        # the strategy object only to find its device program (FedSpine prunes while tuning)
+        fed = cfg.federation
+        strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
+        if getattr(strategy, "bind", None) is not None:
+            strategy.bind(model.config, cfg)
+        self.trainer = getattr(strategy, "client_trainer", None) or train_client
         parts = build_partitions(cfg.data.partition, cfg.data.num_clients, cfg.federation.seed, cfg.data.alpha,
                                  cfg.data.data_dir)
         cap = cfg.data.max_examples_per_client
@@ -138,9 +146,10 @@ def client_train(msg: Message, context: Context) -> Message:
     heads, chans = _split_unit_masks(_tensors(msg.content.array_records.get("unit_masks")))
     layers = [int(x) for x in c["layers"]] if "layers" in c else None
     task = ClientTask(cid, int(c["round"]), int(c["rank"]), _tensors(msg.content["lora"]), layers=layers,
-                      head_masks=heads, channel_masks=chans, local_steps=int(c["local-steps"]) or None)
+                      head_masks=heads, channel_masks=chans, local_steps=int(c["local-steps"]) or None,
+                      extra=json.loads(str(c.get("extra-json", "{}"))))
     rt.base.set_base_delta(_tensors(msg.content.array_records.get("base_delta")))
-    res, _ = train_client(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]), rt.tokenizer.pad_token_id)
+    res, _ = rt.trainer(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]), rt.tokenizer.pad_token_id, None)
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update({"cid": cid, "round": task.round, "rank": task.rank, "num-examples": res.num_examples})
     content = RecordDict({"lora": _arrays(res.lora), "metrics": MetricRecord(metrics)})
@@ -182,7 +191,9 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     model, tok = load_base(cfg)
     base = SharedBaseModel(model, cfg.lora)
-    strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None)
+    strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
+    if getattr(strategy, "bind", None) is not None:
+        strategy.bind(model.config, cfg)
     global_ = strategy.init_global(base.shapes, fed.seed)
     test = load_test_set(cfg.data.data_dir)
 
@@ -218,6 +229,11 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
                     "seed": client_seed(fed.seed, r, cid), "local-steps": task.local_steps or 0}
             if task.layers is not None:
                 conf["layers"] = [int(i) for i in task.layers]
+            if task.extra:
+                try:
+                    conf["extra-json"] = json.dumps(task.extra)
+                except TypeError as exc:
+                    raise ValueError(f"task.extra of client {cid} must be JSON-serialisable for Flower: {exc}") from None
             content = RecordDict({"config": ConfigRecord(conf), "lora": _arrays(task.lora)})
             if global_.base_delta:
                 content["base_delta"] = _arrays(global_.base_delta)
