@@ -1,0 +1,22 @@
+"""``fedprune generate``: stream a continuation of a prompt (PyTorch, or llama.cpp for a .gguf file)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model directory, known name, or a .gguf file (llama.cpp)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+
+
+def run(args) -> int:
+    from ..deploy.generation import open_backend
+
+    backend = open_backend(args.model, n_threads=args.threads)
+    print(args.prompt, end="", flush=True)
+    backend.complete(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print()
+    return 0
