@@ -127,17 +127,23 @@ class FedSpine(LoraStrategy):
             return GlobalModel(tensors={m: torch.zeros(s) for m, s in shapes.items()}, meta=meta)
         return GlobalModel(tensors=init_lora_state(shapes, self.r_max, seed), meta=meta)
 
-    def client_lora(self, global_: GlobalModel, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    def client_lora(self, global_: GlobalModel, rank: int, seed: int, svd: dict | None = None) -> dict[str, torch.Tensor]:
+        from ..fedspine.aggregate import distribute_from_svd, svd_cache
+
         if self.reconcile == "flexlora":
             if not global_.meta.get("aggregated"):
                 return init_lora_state(self.shapes, rank, global_.meta.get("init_seed", seed))
-            return agg.flexlora_distribute(global_.tensors, rank, self.lora.alpha)
+            return distribute_from_svd(svd if svd is not None else svd_cache(global_.tensors), rank, self.lora.alpha)
         return agg.truncate_rank(global_.tensors, rank)
 
     def configure_train(self, round_idx, clients, global_, seed):
         from ..fedspine.bandit import Arm
 
+        from ..fedspine.aggregate import svd_cache
+
         meta = global_.meta
+        # one SVD per module and round, shared by every client whatever its rank
+        svd = svd_cache(global_.tensors) if self.reconcile == "flexlora" and meta.get("aggregated") else None
         tasks = []
         for c in clients:
             ch = self._chooser(global_, c.cid, seed)
@@ -147,7 +153,7 @@ class FedSpine(LoraStrategy):
             meta["pending"][str(c.cid)] = {"round": round_idx, **arm.to_dict()}
             extra = {"ratio": float(arm.p), "interval": self.interval, "momentum": self.momentum,
                      "row_masks": meta["masks"].get(str(c.cid))}
-            tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed),
+            tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed, svd),
                                     extra=extra))
         return tasks
 

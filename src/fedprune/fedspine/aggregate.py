@@ -93,3 +93,27 @@ def masked_fraction_held(masks: Masks, shapes: Mapping[str, Sequence[int]]) -> f
         held += int(rows.sum()) + int(cols.sum())
         total += d_out + d_in
     return held / max(total, 1)
+
+
+def svd_cache(dW: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Thin SVD ``(U, S, Vh)`` of every module's full-space update, once per round (float32:
+    the factors only seed the next round's LoRA; every client of any rank reuses them)."""
+    return {m: torch.linalg.svd(d.float(), full_matrices=False) for m, d in dW.items()}
+
+
+def factor_from_svd(svd: tuple[Tensor, Tensor, Tensor], rank: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` with ``(alpha / rank) B A`` = the rank-``rank`` truncation (as ``flexlora_factor``)."""
+    U, S, Vh = svd
+    r = min(rank, S.shape[0])
+    B = U[:, :r] * S[:r] / (alpha / rank)
+    A = Vh[:r]
+    if r < rank:
+        A, B = agg.pad_rank(A, B, rank)
+    return A.contiguous(), B.contiguous()
+
+
+def distribute_from_svd(cache: Mapping[str, tuple[Tensor, Tensor, Tensor]], rank: int, alpha: float) -> dict[str, Tensor]:
+    out = {}
+    for m, svd in cache.items():
+        out[m + A_SUFFIX], out[m + B_SUFFIX] = factor_from_svd(svd, rank, alpha)
+    return out
