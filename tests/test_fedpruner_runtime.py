@@ -42,7 +42,7 @@ def tiny(tokenizer):
 
 
 def tiny_setup(rank=4):
-    return fp.setup_for(SEQ, 1, rank, TARGETS)
+    return fp.setup_for(SEQ, 1, rank, TARGETS, lora_dropout=0.05)  # LoraSettings default dropout
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,16 @@ def test_configs_load_and_name_their_strategy():
         cfg = load_config(f"configs/federated/{name}.yaml")
         assert cfg.federation.strategy == name
         assert cfg.federation.options.get("temperature", 1.0) > 0
+
+
+def test_lora_dropout_is_budgeted_per_target():
+    shape = ModelShape(576, 1536, 9, 3, 49152, 30, True)
+    a = TrainSetup(seq_len=256, batch_size=1, lora_rank=8)
+    b = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, lora_dropout=0.05)
+    from fedprune.fedpruner.memory import layer_activation_bytes
+
+    # dropped input (4 bytes) + bool mask (1 byte) per input element of each of the seven targets
+    ins = 576 * 6 + 1536
+    assert layer_activation_bytes(shape, b) - layer_activation_bytes(shape, a) == 256 * ins * 5
+    c = fp.unit_costs(shape, b)
+    assert c["attn"] + c["mlp"] == pytest.approx(sum(fp.training_memory(shape, b, 1).per_layer.values()))

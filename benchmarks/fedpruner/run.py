@@ -38,9 +38,9 @@ METHODS = ["fedpruner", "depth_truncation", "fedra", "fedpruner_plus", "fedit_fu
 MEMORY_AWARE_BASELINES = ["depth_truncation", "fedra"]  # use every device the budget allows
 ZS_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 CLASSES = ["budget-25", "budget-40", "budget-55", "budget-75", "budget-100"]
-COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=5", "train.grad_accum=1",
-          "train.seq_len=256", "train.lr=0.001", "federation.rounds=5", "federation.clients_per_round=5",
-          "federation.dropout=false", "eval.every=5", "eval.loss_examples=24", "eval.rouge_examples=4",
+COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=4", "train.grad_accum=1",
+          "train.seq_len=256", "train.lr=0.001", "federation.rounds=4", "federation.clients_per_round=5",
+          "federation.dropout=false", "eval.every=4", "eval.loss_examples=24", "eval.rouge_examples=4",
           "eval.max_new_tokens=24"]
 EXTRA = {"hetlora_full": ["federation.ranks=[4,8]"]}
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -50,7 +50,7 @@ def shortcuts(args) -> str:
     return (
         "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32) on 2 CPU cores shared with three other jobs; "
         "15 devices (3 per memory class), Dirichlet(0.5) over Dolly categories, <= 48 records per device; "
-        "5 rounds x 5 sampled devices (devices whose budget holds nothing are left out of that round), 5 local "
+        "4 rounds x 5 sampled devices (devices whose budget holds nothing are left out of that round), 4 local "
         "steps of 1 example (<= 256 tokens), lr 1e-3, LoRA r=8 (HetLoRA: r=4/8 by budget) on all seven projections; "
         "no client dropout; one seed; FedPruner statistics on 2 local examples per device and round, temperature 0.5. "
         f"Held-out loss on 24 of the 80 test records (3 per category), Rouge-L on 4 records x 24 greedy tokens; "

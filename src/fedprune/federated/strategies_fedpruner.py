@@ -91,7 +91,7 @@ class BudgetedStrategy(LoraStrategy):
         """Called by the runtime with the base model's config and the run config (shapes, seq len)."""
         self.shape = ModelShape.from_config(model_config)
         self.setup = fp.setup_for(cfg.train.seq_len, cfg.train.batch_size, self.r_max, self.lora.target_modules,
-                                  getattr(cfg.model, "dtype", "float32"), self.fixed_overhead)
+                                  getattr(cfg.model, "dtype", "float32"), self.fixed_overhead, self.lora.dropout)
 
     def _need_bound(self) -> None:
         if self.shape is None or self.setup is None:
@@ -328,10 +328,12 @@ def full_training_bytes(shape: ModelShape, setup: TrainSetup, activation_slack: 
 # ---- device classes by memory budget ---------------------------------------------------------------
 # Budgets as fractions of full-model LoRA training of the reference setup: SmolLM2-135M
 # (hidden 576, FFN 1536, 9/3 heads, vocab 49152, 30 layers, tied), float32, sequence 256,
-# batch 1, LoRA rank 8 on all seven projections, AdamW (memory model, no fixed overhead).
+# batch 1, LoRA rank 8 (dropout 0.05) on all seven projections, AdamW (memory model).
 # Smaller devices are also slower and flakier (phone-like below half the reference).
 REFERENCE_SHAPE = ModelShape(576, 1536, 9, 3, 49152, 30, True)
-REFERENCE_SETUP = TrainSetup(seq_len=256, batch_size=1, lora_rank=8)
+# LoRA dropout 0.05 and the 16.8 MiB fixed overhead measured by validate_memory_model.py.
+REFERENCE_SETUP = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, lora_dropout=0.05,
+                             fixed_overhead_bytes=int(16.8 * 2**20))
 BUDGET_CLASSES = {  # name: (fraction of full-model LoRA training memory, relative throughput, dropout)
     "budget-25": (0.25, 0.8, 0.05),
     "budget-40": (0.40, 1.0, 0.03),

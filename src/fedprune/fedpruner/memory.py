@@ -24,7 +24,8 @@ with ``N = batch * seq_len`` tokens, ``b`` bytes per base element, ``b_l`` per L
         + log-sum-exp (B n_heads T, float32);
       FFN half: residual (N H) + normed (N H, if gate/up have LoRA) + gate out, up out,
         silu(gate) (3 N I) + silu(gate) * up (N I, if down has LoRA);
-      LoRA A outputs: N r per target; RMSNorm rsqrt: 2 N (float32).
+      LoRA A outputs: N r per target; RMSNorm rsqrt: 2 N (float32);
+      with LoRA dropout, per target its dropped input (N d_in) and a bool mask (N d_in bytes).
 
   With ``attention="eager"`` the (B, n_heads, T, T) softmax output and its input are
   saved too (once: softmax output = matmul input), and k/v are saved after ``repeat_kv`` (N q each).
@@ -106,6 +107,8 @@ class TrainSetup:
     lora_dtype: str = "float32"
     attention: str = "sdpa"
     separate_attn_out: bool = False
+    lora_dropout: float = 0.0
+    """LoRA dropout probability; > 0 saves each target's dropped input and its bool mask"""
     fixed_overhead_bytes: int = 0
 
     def __post_init__(self):
@@ -116,6 +119,8 @@ class TrainSetup:
         for name in (self.dtype, self.lora_dtype):
             if name not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPE_BYTES)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
         bad = set(self.lora_targets) - set(LLAMA_TARGETS)
@@ -172,6 +177,15 @@ def lora_state_bytes_per_layer(shape: ModelShape, setup: TrainSetup) -> int:
     return p * (2 + OPTIMIZER_STATES[setup.optimizer]) * DTYPE_BYTES[setup.lora_dtype]
 
 
+def lora_dropout_bytes(shape: ModelShape, setup: TrainSetup, targets: tuple[str, ...]) -> int:
+    """With LoRA dropout, every target's LoRA-A saves its dropped input (N d_in) and dropout
+    saves a bool mask (N d_in bytes); PEFT applies dropout per target, so q/k/v pay it thrice."""
+    if not setup.lora_dropout:
+        return 0
+    lin = shape.linear_shapes()
+    return sum(setup.tokens * lin[t][0] * (DTYPE_BYTES[setup.dtype] + 1) for t in targets)
+
+
 def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     """Bytes autograd keeps for backward in one LLaMA layer with LoRA (module doc)."""
     N, B, T = setup.tokens, setup.batch_size, setup.seq_len
@@ -203,7 +217,7 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     extra_fp32 = 2 * N * 4  # two RMSNorm rsqrt (N, 1)
     if setup.attention == "sdpa":
         extra_fp32 += B * shape.num_heads * T * 4  # log-sum-exp
-    return elems * b + extra_fp32
+    return elems * b + extra_fp32 + lora_dropout_bytes(shape, setup, setup.lora_targets)
 
 
 def embed_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
@@ -262,7 +276,8 @@ def block_costs(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
     lin = shape.linear_shapes()
     w_mlp = (sum(lin[t][0] * lin[t][1] for t in ("gate_proj", "up_proj", "down_proj")) + H) * b
     lora_mlp = lora_state_bytes_per_layer(shape, TrainSetup(**{**asdict(setup), "lora_targets": mlp_t})) if mlp_t else 0
-    act_mlp = (2 * N * H + 4 * N * I + N * setup.lora_rank * len(mlp_t)) * b + N * 4
+    act_mlp = (2 * N * H + 4 * N * I + N * setup.lora_rank * len(mlp_t)) * b + N * 4 + \
+        lora_dropout_bytes(shape, setup, mlp_t)
     mlp = w_mlp + lora_mlp + act_mlp
     attn = sum(total.values()) - mlp
     assert attn > 0 and attn_t is not None

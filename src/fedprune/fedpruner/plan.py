@@ -68,13 +68,13 @@ def unit_costs(shape: ModelShape, setup: TrainSetup, activation_slack: float = 0
 
 
 def setup_for(seq_len: int, batch_size: int, rank: int, targets: Sequence[str], dtype: str = "float32",
-              fixed_overhead_bytes: int = 0) -> TrainSetup:
+              fixed_overhead_bytes: int = 0, lora_dropout: float = 0.0) -> TrainSetup:
     """A :class:`TrainSetup` from federated settings (LoRA targets outside LLaMA's seven are ignored)."""
     from .memory import LLAMA_TARGETS
 
     t = tuple(x for x in targets if x in LLAMA_TARGETS) or ("q_proj",)
     return TrainSetup(seq_len=seq_len, batch_size=batch_size, lora_rank=rank, lora_targets=t, dtype=dtype,
-                      fixed_overhead_bytes=int(fixed_overhead_bytes))
+                      fixed_overhead_bytes=int(fixed_overhead_bytes), lora_dropout=float(lora_dropout))
 
 
 def with_rank(setup: TrainSetup, rank: int) -> TrainSetup:
