@@ -83,6 +83,26 @@ def save(results: dict) -> None:
     plt.close(fig)
 
 
+def base_metrics(cfg) -> dict | None:
+    """The round-0 (base model) evaluation of an earlier run with the same model and eval settings."""
+    import yaml
+
+    for d in sorted((OUT / "runs").glob("*")):
+        c, m = d / "config.yaml", d / "metrics.jsonl"
+        if not (c.exists() and m.exists() and m.read_text().strip()):
+            continue
+        other = yaml.safe_load(c.read_text())
+        if other["model"] == cfg.to_dict()["model"] and other["eval"] == cfg.to_dict()["eval"] and \
+                other["train"]["seq_len"] == cfg.train.seq_len:
+            first = json.loads(m.read_text().splitlines()[0])
+            keys = ("test_loss", "test_ppl", "test_tokens", "rouge_l")
+            if first.get("round") == 0 and all(k in first for k in keys):
+                out = {k: first[k] for k in keys}
+                out["reused_from"] = d.name
+                return out
+    return None
+
+
 def run_one(name: str) -> dict:
     from fedprune.federated.config import load_config
     from fedprune.federated.report import summarise
@@ -93,7 +113,7 @@ def run_one(name: str) -> dict:
     cfg = load_config(root / cfg_path, overrides)
     run_dir = OUT / "runs" / name
     t = time.perf_counter()
-    Simulation(cfg, run_dir).run(resume=(run_dir / CHECKPOINT).exists())
+    Simulation(cfg, run_dir).run(resume=(run_dir / CHECKPOINT).exists(), initial_metrics=base_metrics(cfg))
     s = summarise(run_dir)
     ev = [m for m in s["metrics"] if "test_loss" in m]
     last = s["metrics"][-1]

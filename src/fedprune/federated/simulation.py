@@ -159,9 +159,11 @@ class Simulation:
         return out
 
     # ---- the loop ------------------------------------------------------------------------------
-    def run(self, resume: bool = False, stop_after: int | None = None) -> GlobalModel:
+    def run(self, resume: bool = False, stop_after: int | None = None,
+            initial_metrics: dict | None = None) -> GlobalModel:
         """Run (or continue) the federation; ``stop_after`` ends early after that round (as an
-        interruption would)."""
+        interruption would). ``initial_metrics`` replaces the round-0 evaluation of the base model
+        (benchmarks reuse it across methods evaluated with the same settings)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
@@ -170,7 +172,7 @@ class Simulation:
                 raise ValueError(f"{self.run_dir} already holds a run; use --resume or another --output")
             atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self.base.set_base_delta(self.global_.base_delta)
-            m = {"round": 0, **self.evaluate(), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
+            m = {"round": 0, **(initial_metrics or self.evaluate()), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
                  "peak_rss_mb": peak_rss_mb()}
             atomic.append_jsonl(self.run_dir / "metrics.jsonl", m)
             self.save_checkpoint()
