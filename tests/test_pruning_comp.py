@@ -156,3 +156,14 @@ def test_prune_cli_saves_a_reloadable_model(tmp_path, monkeypatch):
     m = fedprune.load_model(tmp_path / "out")
     assert abs(1 - get_adapter(m).num_parameters() / get_adapter(fedprune.load_model(src)).num_parameters() - 0.25) < 0.005
     assert main(["prune", "--model", str(src), "--ratio", "1.5", "--output", str(tmp_path / "bad")]) == 1
+
+
+def test_condition_estimate_matches_eigenvalues():
+    from fedprune.pruning.mask_tuning import condition_estimate
+
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, 5, 40, dtype=torch.float64)
+    M = Q @ torch.diag(ev) @ Q.T
+    est = condition_estimate(M, torch.linalg.cholesky(M), iters=200)
+    assert est == pytest.approx(1e5, rel=0.05)
