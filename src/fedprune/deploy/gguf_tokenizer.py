@@ -7,6 +7,7 @@ SentencePiece tokenizers (LLaMA-2 style) are not handled here and are refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -26,6 +27,19 @@ class GGUFVocab:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
+
+
+# Vocabularies whose pre-tokenizer cannot be read off a re-built tokenizer, by the sha256 of the
+# token strings in id order. SmolLM/SmolLM2 (HuggingFaceTB, 49152 tokens): the original tokenizer
+# splits digits one by one (llama.cpp "smollm", which also keeps spaces on decode), but
+# transformers' GGUF loader rebuilds it as a plain ByteLevel tokenizer. The ids agree either way
+# (the vocabulary has no multi-digit or space+digit tokens); the decode differs.
+KNOWN_VOCABS = {"d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55": "smollm"}
+
+
+def vocab_fingerprint(vocab: dict[str, int]) -> str:
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
 
 
 def _has(node, type_name: str, **attrs) -> bool:
@@ -85,7 +99,7 @@ def gguf_vocab(tokenizer, vocab_size: int, tokenizer_pre: str | None = None) -> 
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise UnsupportedModelError(f"tokenizer model {model.get('type')!r} is not BPE; only byte-level BPE is exported")
-    pre = tokenizer_pre or detect_pre(spec.get("pre_tokenizer"))
+    pre = tokenizer_pre or KNOWN_VOCABS.get(vocab_fingerprint(model["vocab"])) or detect_pre(spec.get("pre_tokenizer"))
 
     id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     specials: dict[int, bool] = {}
