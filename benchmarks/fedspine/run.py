@@ -208,6 +208,19 @@ def summarise(results: dict) -> dict:
             "sparsity_of_compared_model": r.get("global_sparsity", 0.0),
             "sim_time_s": r["sim_time_s"], "mb_moved": r["mb_moved"],
         }
+        if r.get("trace"):
+            pulls: dict = {}
+            by_cls: dict = {}
+            for t in r["trace"]:
+                pulls[t["device"]] = pulls.get(t["device"], 0) + 1
+                by_cls.setdefault(t["device_class"], []).append(t)
+            per[name]["bandit_pulls_per_device"] = {"devices": len(pulls), "max": max(pulls.values()),
+                                                    "mean": sum(pulls.values()) / len(pulls)}
+            per[name]["mean_choice_by_class"] = {c: {"ratio": sum(t["ratio"] for t in ts) / len(ts),
+                                                     "rank": sum(t["rank"] for t in ts) / len(ts),
+                                                     "reward": sum(t["reward"] for t in ts) / len(ts), "n": len(ts)}
+                                                 for c, ts in sorted(by_cls.items())}
+            per[name]["deployed_sparsity_by_class"] = r.get("device_sparsity_by_class")
     baselines = [n for n in per if not n.startswith("fedspine")]
     reached = [per[n]["time_to_target_s"] for n in baselines if per[n]["time_to_target_s"] is not None]
     best_base = min(reached) if reached else None
@@ -262,8 +275,25 @@ def markdown(results: dict) -> str:
             f"Speed-up of FedSpine (S-UCB) vs the best baseline in simulated time to target: **{verdict}**.\n\n"
             + "\n".join(rows) + "\n\nDeployed models (FedSpine methods: one per device class + the global model "
             f"pruned to {P_EQUAL}; FedIT/HetLoRA: dense):\n\n" + "\n".join(dep)
+            + _bandit_table(s) + (f"\n\n{NOTES}" if NOTES else "")
             + f"\n\nShortcuts: {SHORTCUTS}\n\nCommand: `.venv/bin/python benchmarks/fedspine/run.py`\n\n"
             "![loss vs time](loss_vs_time.png)\n\n![choices](choices.png)\n")
+
+
+NOTES = ""  # findings, filled in after a run
+
+
+def _bandit_table(s: dict) -> str:
+    rows = ["| method | device class | pulls | mean ratio | mean rank | mean reward |", "|---|---|---:|---:|---:|---:|"]
+    for n, m in s["methods"].items():
+        for c, v in (m.get("mean_choice_by_class") or {}).items():
+            rows.append(f"| {n} | {c} | {v['n']} | {v['ratio']:.2f} | {v['rank']:.1f} | {v['reward']:.3f} |")
+    if len(rows) == 2:
+        return ""
+    pulls = {n: m["bandit_pulls_per_device"] for n, m in s["methods"].items() if m.get("bandit_pulls_per_device")}
+    return ("\n\nChoices per device class (from the bandit traces; pulls per device: "
+            + ", ".join(f"{n}: {v['devices']} devices, mean {v['mean']:.2f}, max {v['max']}" for n, v in pulls.items())
+            + "):\n\n" + "\n".join(rows))
 
 
 def plots(results: dict) -> None:
