@@ -19,6 +19,7 @@ Results are written after every task to ``results/baseline.json`` and ``results/
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -33,7 +34,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fedprune import atomic, load_model, load_tokenizer  # noqa: E402
-from fedprune.data import is_text_dataset, load_examples, load_records, load_text  # noqa: E402
+from fedprune.data import SEVEN_TASKS, is_text_dataset, load_examples, load_records, load_text  # noqa: E402
 from fedprune.evaluate import (accuracy, parse_tasks, perplexity_of_tokens, reported_metric,  # noqa: E402
                                score_example, score_examples, zero_shot_average)
 from fedprune.evaluate.lm_eval_bridge import lm_eval_metrics, lm_eval_requests, lm_eval_task  # noqa: E402
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in baseline.json and run only the others (each row states its n)")
     return p.parse_args(argv)
 
 
@@ -128,8 +131,8 @@ def markdown(report: dict) -> str:
         f"`{s['command']}`",
         "",
         f"{s['date']}; {s['machine']}; torch {s['torch']} ({s['threads']} threads), lm-eval {s['lm_eval']}, "
-        f"{s['dtype']}. Zero-shot: first {s['limit']} examples per task, batch {s['batch_size']}. "
-        f"Perplexity: first {s['ppl_limit']} non-overlapping windows of {s['seq_len']} tokens.",
+        f"{s['dtype']}. Zero-shot: the first n examples of each task (--limit {s['limit']}), batch {s['batch_size']}. "
+        f"Perplexity: the first n non-overlapping windows of {s['seq_len']} tokens (--ppl-limit {s['ppl_limit']}).",
         "",
         "| task | n | metric | fedprune | lm-eval HFLM | agreement | fedprune s | lm-eval s | fedprune /s | lm-eval /s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -164,10 +167,11 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     out_dir = Path(args.out_dir)
+    command = "python benchmarks/eval/run_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "model": args.model,
         "settings": {
-            "command": "python benchmarks/eval/run_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "lm_eval": lm_eval.__version__,
@@ -178,17 +182,26 @@ def main(argv=None) -> int:
         "average": {"fedprune": None, "lm_eval": None, "tasks": 0},
         "wall_seconds": {"fedprune": 0.0, "lm_eval": 0.0},
     }
+    if args.resume and (out_dir / "baseline.json").is_file():
+        previous = json.loads((out_dir / "baseline.json").read_text())
+        report["tasks"] = {t: v for t, v in previous["tasks"].items() if t in tasks}
+        report["settings"]["command"] = previous["settings"]["command"] + f"; then {command}"
+        for key in ("limit", "ppl_limit", "date"):
+            before = previous["settings"][key]
+            merged = (before if isinstance(before, list) else [before]) + [report["settings"][key]]
+            report["settings"][key] = sorted(set(merged))
     for task in tasks:
+        if task in report["tasks"]:
+            continue
         pair = perplexity_pair if is_text_dataset(task) else zero_shot_pair
-        r = pair(model, tokenizer, task, args)
-        report["tasks"][task] = r
-        for side in ("fedprune", "lm_eval"):
-            report["wall_seconds"][side] += r["throughput"][side]["seconds"]
+        report["tasks"][task] = r = pair(model, tokenizer, task, args)
+        report["tasks"] = {t: report["tasks"][t] for t in tasks if t in report["tasks"]}  # task order
+        report["wall_seconds"] = {side: sum(v["throughput"][side]["seconds"] for v in report["tasks"].values())
+                                  for side in ("fedprune", "lm_eval")}
         zs = {t: v for t, v in report["tasks"].items() if not is_text_dataset(t)}
         report["average"] = {side: zero_shot_average({t: v[side] for t, v in zs.items()})
                              for side in ("fedprune", "lm_eval")}
-        report["average"]["tasks"] = sum(1 for t in zs if t in ("boolq", "piqa", "hellaswag", "winogrande",
-                                                                 "arc_easy", "arc_challenge", "openbookqa"))
+        report["average"]["tasks"] = sum(1 for t in zs if t in SEVEN_TASKS)
         atomic.write_json(out_dir / "baseline.json", report)
         atomic.write_text(out_dir / "baseline.md", markdown(report))
         print(f"{task}: {r['fedprune']} vs lm-eval {r['lm_eval']} ({r['agreement']})", flush=True)
