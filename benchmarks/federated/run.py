@@ -47,9 +47,11 @@ def load_results() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def save(results: dict) -> None:
+def save(results: dict) -> dict:
+    """Merge ``results`` into results.json (several invocations may run side by side) and redraw."""
     from fedprune import atomic
 
+    results = {**load_results(), **results}
     atomic.write_json(OUT / "results.json", results)
     rows = ["| run | strategy | ranks | base test loss | final test loss | change | base Rouge-L | final Rouge-L | "
             "sim time (s) | wall (s) | MB up+down | peak RSS (MB) | server share |",
@@ -62,6 +64,11 @@ def save(results: dict) -> None:
     text = "# Federated LoRA benchmark\n\n" + "\n".join(rows) + "\n\nShortcuts: " + SHORTCUTS + \
         "\n\nCommand: `.venv/bin/python benchmarks/federated/run.py`\n\n![test loss](test_loss.png)\n"
     atomic.write_text(OUT / "results.md", text)
+    _plot(results)
+    return results
+
+
+def _plot(results: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,8 +145,7 @@ def main(argv: list[str]) -> int:
         if name in results:
             logging.info("%s: already in results.json, skipped", name)
             continue
-        results[name] = run_one(name)
-        save(results)
+        results = save({name: run_one(name)})
         logging.info("%s: %s", name, {k: v for k, v in results[name].items() if k != "curve"})
     return 0
 
