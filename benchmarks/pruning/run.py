@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"  # --results-dir overrides
 
 PEERS = ["magnitude", "wanda_sp", "flap", "llm_pruner", "shortgpt", "sleb"]
 # name -> (method, options)
@@ -91,6 +91,9 @@ def worker(args) -> dict:
                    prune_overhead_bytes=peak - rss_loaded,
                    removed_layers=res.report.get("removed_layers"), layer_fraction=res.report.get("layer_fraction"))
     # perplexity over the first N windows, zero-shot over the first M examples per task
+    if args.no_eval:
+        rec["speed"] = dense_speed
+        return rec
     ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
                   progress=False)
@@ -112,6 +115,8 @@ def run_one(args, name: str, ratio: float) -> dict | None:
            "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
            "--ppl-windows", str(args.ppl_windows), "--eval-limit", str(args.eval_limit),
            "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model]
+    if args.no_eval:
+        cmd.append("--no-eval")
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -123,8 +128,9 @@ def run_one(args, name: str, ratio: float) -> dict | None:
     from fedprune import atomic
 
     atomic.write_json(out, rec)
-    print(f"   ppl {rec['wikitext2_ppl']:.2f} avg {rec['zero_shot_avg']:.4f} "
-          f"ratio {rec.get('achieved_ratio', 0):.4f} in {rec['wall_s_total']:.0f}s", flush=True)
+    print(f"   ppl {rec.get('wikitext2_ppl', float('nan')):.2f} avg {rec.get('zero_shot_avg') or float('nan'):.4f} "
+          f"ratio {rec.get('achieved_ratio', 0):.4f} peak {rec.get('prune_peak_rss', 0) / 2**20:.0f} MiB "
+          f"in {rec['wall_s_total']:.0f}s", flush=True)
     return rec
 
 
@@ -138,6 +144,25 @@ def table(records: list[dict]) -> str:
                     f"{r['zero_shot_avg']:.4f} | {r.get('prune_wall_s', 0):.0f} | {mib(r.get('prune_peak_rss'))} | "
                     f"{mib(r.get('prune_overhead_bytes'))} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
     return head + "\n".join(rows) + "\n"
+
+
+def memory_table(records: list[dict], args) -> str:
+    dense = next((r for r in records if r["name"] == "dense"), None)
+    lines = [f"Pruning memory, calibration {args.nsamples} x {args.seq_len} tokens (C4): resident memory of the "
+             "pruning process right after loading the model, its peak while pruning (VmHWM), and the overhead "
+             "(peak minus after-load).\n", "| method | ratio | after load (MiB) | peak (MiB) | overhead (MiB) | "
+             "peak / dense inference peak | wall (s) |", "|---|---|---|---|---|---|---|"]
+    ref = dense["speed"]["peak_memory_bytes"] if dense else None
+    for r in records:
+        if r["name"] == "dense":
+            continue
+        rel = f"{r['prune_peak_rss'] / ref:.2f}" if ref else "-"
+        lines.append(f"| {r['name']} | {r['ratio']} | {r['rss_after_load'] / 2**20:.0f} | {r['prune_peak_rss'] / 2**20:.0f} "
+                     f"| {r['prune_overhead_bytes'] / 2**20:.0f} | {rel} | {r['prune_wall_s']:.0f} |")
+    if dense:
+        lines.append(f"\nDense inference peak (speed test: prefill {dense['speed']['prompt_len']} + decode "
+                     f"{dense['speed']['gen_len']} tokens): {ref / 2**20:.0f} MiB.")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -171,6 +196,10 @@ def summarise(args) -> None:
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
     if not records:
         return
+    if args.no_eval:
+        atomic.write_json(RESULTS / "memory.json", {"settings": vars(args), "runs": records})
+        atomic.write_text(RESULTS / "memory.md", memory_table(records, args))
+        return
     md = (f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
           f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
           f"the seven tasks over the first {args.eval_limit} examples each (--limit); speed: prefill "
@@ -192,11 +221,11 @@ def main() -> None:
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="COMP variants, run at --ablation-ratios")
     ap.add_argument("--ablation-ratios", default="0.2")
     ap.add_argument("--only", default=None, help="comma list of NAME@RATIO to run")
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ppl-windows", type=int, default=40)
-    ap.add_argument("--eval-limit", type=int, default=100)
+    ap.add_argument("--ppl-windows", type=int, default=20)
+    ap.add_argument("--eval-limit", type=int, default=50)
     ap.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -204,7 +233,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--no-eval", action="store_true", help="prune only (for the memory comparison)")
+    ap.add_argument("--results-dir", default=None, help="where runs and tables go (default: results/)")
     args = ap.parse_args()
+    global RESULTS
+    if args.results_dir:
+        RESULTS = Path(args.results_dir)
     if args.worker:
         print(json.dumps(worker(args), default=float))
         return
@@ -212,11 +246,13 @@ def main() -> None:
     if args.only:
         jobs = [(j.split("@")[0], float(j.split("@")[1])) for j in args.only.split(",")]
     else:
-        ratios = [float(r) for r in args.ratios.split(",")]
+        # the headline ratios first, so a cut-off run still answers the main questions
+        ratios = sorted((float(r) for r in args.ratios.split(",")), key=lambda r: (r not in (0.2, 0.3), r))
         for r in ratios:
             jobs += [(m, r) for m in args.methods.split(",") if m]
-        for r in [float(x) for x in args.ablation_ratios.split(",") if x]:
-            jobs += [(a, r) for a in args.ablations.split(",") if a]
+            if r == ratios[0]:
+                jobs += [(a, r) for a in args.ablations.split(",") if a and r in
+                         [float(x) for x in args.ablation_ratios.split(",") if x]]
     for name, ratio in jobs:
         run_one(args, name, ratio)
         summarise(args)
