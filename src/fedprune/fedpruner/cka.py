@@ -40,10 +40,22 @@ def cka_matrix(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     The diagonal is 1 (0 for an all-constant output).
     """
     feats = [_centre(o) for o in outputs]
-    grams = [f.T @ f for f in feats]
-    norms = [torch.linalg.matrix_norm(g) for g in grams]
     L = len(feats)
     S = torch.zeros(L, L, dtype=torch.float64)
+    n = feats[0].shape[0] if feats else 0
+    if feats and n < min(f.shape[1] for f in feats):
+        # fewer tokens than features: ||Y^T X||_F^2 = <X X^T, Y Y^T>_F, so work with the n x n
+        # token Gram matrices (one product per layer instead of one d x d product per pair)
+        grams = [f @ f.T for f in feats]
+        norms = [torch.linalg.matrix_norm(g) for g in grams]
+        for i in range(L):
+            for j in range(i, L):
+                den = norms[i] * norms[j]
+                v = 0.0 if den <= 1e-12 else float((grams[i] * grams[j]).sum() / den)
+                S[i, j] = S[j, i] = v
+        return S
+    grams = [f.T @ f for f in feats]
+    norms = [torch.linalg.matrix_norm(g) for g in grams]
     for i in range(L):
         for j in range(i, L):
             den = norms[i] * norms[j]
