@@ -7,7 +7,7 @@ shapes, with a real byte-level BPE tokenizer built in-process.
 """
 from __future__ import annotations
 
-import subprocess
+import io
 import sys
 
 import numpy as np
@@ -99,7 +99,7 @@ def test_per_layer_shapes_are_written_as_arrays(tok, tmp_path):
     assert f["deci.attention.head_count_kv"] == [2, 1, 2]
     assert f["deci.feed_forward_length"] == [96, 40, 64]
     assert f["deci.attention.key_length"] == 16 and f["deci.rope.dimension_count"] == 16
-    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt2"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     assert len(f["tokenizer.ggml.tokens"]) == len(tok)
     assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     shapes = {t.name: list(t.shape) for t in r.tensors}  # ggml order: [in, out]
@@ -200,7 +200,7 @@ def test_llamacpp_runs_a_peft_merged_model(tok, tmp_path):
         torch.testing.assert_close(m(input_ids=torch.tensor([ids])).logits, with_lora, atol=1e-4, rtol=1e-4)
 
 
-def test_cli_export_generate_and_chat(tok, tmp_path):
+def test_cli_export_generate_and_chat(tok, tmp_path, capsys, monkeypatch):
     pytest.importorskip("llama_cpp")
     from fedprune import save_model
     from fedprune.cli import main
@@ -213,14 +213,12 @@ def test_cli_export_generate_and_chat(tok, tmp_path):
     assert main(["export", "--model", str(tmp_path / "pruned"), "--format", "gguf", "--outtype", "q8_0",
                  "--output", str(out)]) == 0
     assert out.stat().st_size > 0
-    gen = subprocess.run([sys.executable, "-m", "fedprune.cli", "generate", "--model", str(out), "--prompt",
-                          "The quick", "--max-new-tokens", "8", "--threads", "2"],
-                         capture_output=True, text=True, timeout=120)
-    assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.startswith("The quick")
-    chat = subprocess.run([sys.executable, "-m", "fedprune.cli", "chat", "--model", str(out), "--max-new-tokens", "4",
-                           "--threads", "2"], input="hello\n", capture_output=True, text=True, timeout=120)
-    assert chat.returncode == 0, chat.stderr
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "The quick", "--max-new-tokens", "8",
+                 "--threads", "2"]) == 0
+    assert capsys.readouterr().out.startswith("The quick")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you?\n"))  # two turns, then EOF
+    assert main(["chat", "--model", str(out), "--max-new-tokens", "4", "--threads", "2"]) == 0
 
 
 @pytest.mark.slow

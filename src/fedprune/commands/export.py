@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0", "f32"], help="type of the 2-D weights")
     p.add_argument("--output", required=True, help="GGUF file to write (atomically)")
     p.add_argument("--tokenizer-pre", default=None,
-                   help="llama.cpp pre-tokenizer name (default: detected from the tokenizer, e.g. gpt2, smollm)")
+                   help="llama.cpp pre-tokenizer name (default: detected from the tokenizer, e.g. gpt-2, smollm)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="then compare next-token logits with llama.cpp on N tokens of WikiText-2 (needs llama-cpp-python)")
 

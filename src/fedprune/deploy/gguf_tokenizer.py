@@ -56,7 +56,7 @@ def _has(node, type_name: str, **attrs) -> bool:
 def detect_pre(pre_tokenizer: dict | None) -> str:
     """llama.cpp pre-tokenizer name for a byte-level BPE ``pre_tokenizer`` (tokenizer.json form).
 
-    Plain ByteLevel with the GPT-2 regex -> ``gpt2``; digits split one by one before ByteLevel
+    Plain ByteLevel with the GPT-2 regex -> ``gpt-2``; digits split one by one before ByteLevel
     (SmolLM's original tokenizer) -> ``smollm``. Anything else is refused: a wrong regex
     silently changes token ids, so the caller must name it (``tokenizer_pre=``).
     """
@@ -78,12 +78,12 @@ def detect_pre(pre_tokenizer: dict | None) -> str:
     collect(pre_tokenizer)
     node_types -= {"Sequence", "ByteLevel"}
     if not node_types and _has(pre_tokenizer, "ByteLevel", use_regex=True):
-        return "gpt2"
+        return "gpt-2"
     if node_types == {"Digits"} and _has(pre_tokenizer, "Digits", individual_digits=True):
         return "smollm"
     raise UnsupportedModelError(
         f"cannot tell llama.cpp's pre-tokenizer for this tokenizer (pre_tokenizer nodes {sorted(node_types)}); "
-        "pass tokenizer_pre= (e.g. 'gpt2', 'smollm', 'llama-bpe') explicitly")
+        "pass tokenizer_pre= (e.g. 'gpt-2', 'smollm', 'llama-bpe') explicitly")
 
 
 def gguf_vocab(tokenizer, vocab_size: int, tokenizer_pre: str | None = None) -> GGUFVocab:
