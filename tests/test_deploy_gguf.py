@@ -78,6 +78,19 @@ def test_rotary_permutation_preserves_attention_scores():
     torch.testing.assert_close(got, ref)
 
 
+def test_compare_logits_by_hand():
+    from fedprune.deploy.verify import compare_logits
+
+    ref = np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 1.9]], dtype=np.float32)
+    got = np.array([[0.0, 1.1, 3.0], [1.8, 0.0, 1.95]], dtype=np.float32)
+    rep = compare_logits(ref, got)
+    assert rep["top1_agreement"] == 0.5 and rep["top1_mismatch_positions"] == [1]
+    assert rep["top1_mismatch_margins"] == pytest.approx([0.1], abs=1e-6)
+    assert rep["max_abs_diff"] == pytest.approx(0.2, abs=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_logits(ref, got[:1])
+
+
 # ---- metadata ----------------------------------------------------------------------------
 def _fields(path):
     r = gguf.GGUFReader(str(path))
