@@ -39,8 +39,8 @@ METHODS = ["fedpruner", "depth_truncation", "fedra", "fedpruner_plus", "fedit_fu
 MEMORY_AWARE_BASELINES = ["depth_truncation", "fedra"]  # use every device the budget allows
 ZS_TASKS = ["boolq", "piqa", "winogrande", "arc_easy"]  # 4 of the 7 headline tasks (short contexts: CPU time)
 CLASSES = ["budget-25", "budget-40", "budget-55", "budget-75", "budget-100"]
-COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=3", "train.grad_accum=1",
-          "train.seq_len=256", "train.lr=0.001", "federation.rounds=2", "federation.clients_per_round=4",
+COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=2", "train.grad_accum=1",
+          "train.seq_len=256", "train.lr=0.001", "federation.rounds=2", "federation.clients_per_round=3",
           "federation.dropout=false", "eval.every=2", "eval.loss_examples=0", "eval.rouge_examples=0"]
 # evaluated once after the last round (and once for the base model), not inside every run
 FINAL_EVAL = {"loss_examples": 16, "rouge_examples": 2, "max_new_tokens": 16}
@@ -52,9 +52,9 @@ def shortcuts(args) -> str:
     return (
         "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32) on 2 CPU cores shared with three other jobs; "
         "15 devices (3 per memory class), Dirichlet(0.5) over Dolly categories, <= 48 records per device; "
-        "2 rounds x 4 sampled devices (devices whose budget holds nothing are left out of that round), 3 local "
+        "2 rounds x 3 sampled devices (devices whose budget holds nothing are left out of that round), 2 local "
         "steps of 1 example (<= 256 tokens), lr 1e-3, LoRA r=8 (HetLoRA: r=4/8 by budget) on all seven projections; "
-        "no client dropout; one seed; FedPruner statistics on 2 local examples per device and round, temperature 0.5. "
+        "no client dropout; one seed; FedPruner statistics on 128 tokens of 2 local examples per device and round, temperature 0.5. "
         f"Held-out loss on 16 of the 80 test records (2 per category), Rouge-L on 2 records x 16 greedy tokens (far too "
         "few to rank methods); "
         f"zero-shot average over {len(ZS_TASKS)} tasks at --limit {args.zs_limit} examples each (standard error "

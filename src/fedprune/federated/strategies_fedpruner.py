@@ -59,7 +59,8 @@ class BudgetedStrategy(LoraStrategy):
     once per device; ``calib_examples`` examples in the local statistics batch;
     ``objective`` partition objective; ``fixed_overhead_mb`` runtime overhead added to every
     predicted peak; ``activation_slack`` extra activation bytes the allocator costs (0 when
-    ``MALLOC_MMAP_THRESHOLD_`` is pinned; ~0.75 for glibc as shipped).
+    ``MALLOC_MMAP_THRESHOLD_`` is pinned; ~0.75 for glibc as shipped); ``stats_tokens`` tokens
+    (a seeded subset of the local batch) for CKA and importances.
     """
 
     name = "budgeted"
@@ -67,7 +68,7 @@ class BudgetedStrategy(LoraStrategy):
 
     def __init__(self, lora, ranks=None, temperature: float = 0.5, reuse_stats: bool = False,
                  calib_examples: int = 2, objective: str = "scatter", fixed_overhead_mb: float = 0.0,
-                 activation_slack: float = 0.0):
+                 activation_slack: float = 0.0, stats_tokens: int = 128):
         super().__init__(lora, ranks)
         if temperature <= 0:
             raise ValueError(f"federation.options.temperature must be > 0, got {temperature}")
@@ -81,6 +82,7 @@ class BudgetedStrategy(LoraStrategy):
         self.objective = objective
         self.fixed_overhead = int(fixed_overhead_mb * 2**20)
         self.activation_slack = float(activation_slack)
+        self.stats_tokens = int(stats_tokens)
         self.shape: ModelShape | None = None
         self.setup: TrainSetup | None = None
         self._stats: dict[int, fp.LayerStats] = {}
@@ -175,7 +177,7 @@ class BudgetedStrategy(LoraStrategy):
         was_training = base.model.training
         base.model.eval()
         try:
-            stats = fp.layer_stats(base.peft, batch["input_ids"], batch["attention_mask"])
+            stats = fp.layer_stats(base.peft, batch["input_ids"], batch["attention_mask"], self.stats_tokens, seed)
         finally:
             base.model.train(was_training)
         if self.reuse_stats:

@@ -112,8 +112,9 @@ def _one_minus_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                ) -> LayerStats:
-    """CKA matrix and cosine importances of layers and sub-blocks from one forward pass.
+                max_tokens: int | None = 128, seed: int = 0) -> LayerStats:
+    """CKA matrix and cosine importances of layers and sub-blocks from one forward pass
+    (on at most ``max_tokens`` non-padding tokens, a seeded subset).
 
     Hooks (through the architecture adapter) record each layer's input and output and its
     attention sub-block's output; the FFN's input is ``x + attn`` and its output ``y - (x + attn)``
@@ -154,6 +155,11 @@ def layer_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
     flat = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1, t.shape[-1]))  # noqa: E731
     X, Y = [flat(x) for x in xs], [flat(y) for y in ys]
     A = [flat(a) if a is not None else None for a in att]
+    n = X[0].shape[0]
+    if max_tokens and n > max_tokens:  # a seeded subset of tokens: CKA costs O(L n^2 d)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_tokens]
+        X, Y = [x[idx] for x in X], [y[idx] for y in Y]
+        A = [a[idx] if a is not None else None for a in A]
     lay = torch.stack([_one_minus_cos(x, y) for x, y in zip(X, Y)])
     att_imp, mlp_imp = [], []
     for x, y, a in zip(X, Y, A):
