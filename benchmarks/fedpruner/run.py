@@ -70,6 +70,24 @@ def load() -> dict:
 
 
 def save(res: dict, args) -> None:
+    """Merge with what is on disk (parts may run in parallel processes) and write everything."""
+    import fcntl
+
+    from fedprune import atomic
+
+    with open(OUT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load()
+        res["methods"] = {**disk.get("methods", {}), **res.get("methods", {})}
+        for f in sorted((OUT / "runs").glob("*/result.json")):
+            res["methods"].setdefault(f.parent.name, json.loads(f.read_text()))
+        res["memory"] = {**disk.get("memory", {}), **res.get("memory", {})}
+        if "base_model" in disk and "base_model" not in res:
+            res["base_model"] = disk["base_model"]
+        _write(res, args)
+
+
+def _write(res: dict, args) -> None:
     from fedprune import atomic
 
     res["shortcuts"] = shortcuts(args)
@@ -364,6 +382,9 @@ def run_method(name: str, res: dict, args) -> None:
     row.update(evaluate_zero_shot(sim, args.zs_limit))
     row["wall_s"] = time.perf_counter() - t0
     res["methods"][name] = row
+    from fedprune import atomic
+
+    atomic.write_json(run_dir / "result.json", row)
     save(res, args)
     print(f"[{name}] zero-shot avg {row['zs_average']:.4f}, participation {row['participation']:.2f}", flush=True)
 
