@@ -39,17 +39,19 @@ class GramAccumulator:
         self.e2 += float((e * e).sum())
         self.n += h.shape[0]
 
-    def add_heads(self, a: torch.Tensor, W: torch.Tensor, e: torch.Tensor, head_dim: int) -> None:
+    def add_heads(self, a: torch.Tensor, W: torch.Tensor, e: torch.Tensor, head_dim: int, chunk: int = 1024) -> None:
         """Attention heads. ``a``: ``[T, H*hd]`` head outputs; ``W``: ``[d, H*hd]`` o_proj; ``e``: ``[T, d]``."""
         T = a.shape[0]
         H = a.shape[1] // head_dim
-        a = a.double().reshape(T, H, head_dim)
-        Wh = W.double().reshape(W.shape[0], H, head_dim)
-        U = torch.einsum("thk,dhk->thd", a, Wh)  # each head's contribution to the output
-        self.G += torch.einsum("thd,tgd->hg", U, U)
-        self.s += U.norm(dim=-1).sum(0)
-        self.c += torch.einsum("thd,td->h", U, e.double())
-        self.e2 += float((e.double() ** 2).sum())
+        Wh = W.detach().double().reshape(W.shape[0], H, head_dim)
+        for t in range(0, T, chunk):  # U is T x H x d: bounded by chunking the tokens
+            ac = a[t:t + chunk].double().reshape(-1, H, head_dim)
+            ec = e[t:t + chunk].double()
+            U = torch.einsum("thk,dhk->thd", ac, Wh)  # each head's contribution to the output
+            self.G += torch.einsum("thd,tgd->hg", U, U)
+            self.s += U.norm(dim=-1).sum(0)
+            self.c += torch.einsum("thd,td->h", U, ec)
+            self.e2 += float((ec * ec).sum())
         self.n += T
 
     def unit_stats_channels(self, W: torch.Tensor) -> UnitStats:

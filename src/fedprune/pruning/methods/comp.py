@@ -131,19 +131,27 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
     kept_pos = 0
     for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
         if orig_i in removed_layers:
-            x_dense = run_layer(dense_layer, x_dense, kw, bs)  # the dense stream still passes through it
+            run_layer(dense_layer, x_dense, kw, bs, out=x_dense)  # the dense stream still passes through it
             continue
         layer = dense_layer  # the same module: kept layers are pruned in place
         tgt = targets[kept_pos]
         entry: dict[str, Any] = {"layer": orig_i}
-        # -- dense targets: post-attention residual and output of the unpruned layer
+        prune_heads = bool(tgt.heads_per_group or tgt.groups)
+        # -- dense targets: post-attention residual (only when heads are pruned) and output of the
+        #    unpruned layer; the output overwrites the dense stream in place (it is the next input)
         o = adapter.o_proj(layer)
-        mids = []
-        with hooks([(o, lambda m, i, out: mids.append(out.detach()))]):
-            y_dense = run_layer(layer, x_dense, kw, bs)
-        mid_dense = x_dense + torch.cat(mids)
+        mid_dense = torch.empty_like(x_dense) if prune_heads else None
+        for b in range(0, x_dense.shape[0], bs):
+            xb = x_dense[b:b + bs]
+
+            def keep_mid(m, i, out, xb=xb, b=b):  # a forward hook must return None
+                mid_dense[b:b + bs].copy_(xb + out)
+
+            with hooks([(o, keep_mid)] if prune_heads else []):
+                run_layer(layer, xb, kw, bs, out=xb)
+        y_dense = x_dense
         # -- attention heads
-        if tgt.heads_per_group or tgt.groups:
+        if prune_heads:
             acc = GramAccumulator(adapter.num_heads(layer))
             for b in range(0, x_pruned.shape[0], bs):
                 xb = x_pruned[b:b + bs]
@@ -190,9 +198,8 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
                     fold_column_scales(adapter.ffn_out(layer), sol.scales)
                 entry["ffn_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
                                      "err_before": sol.error_before, "err_after": sol.error_after}
-        x_pruned = run_layer(layer, x_pruned, kw, bs)
-        x_dense = y_dense
-        del mid_dense, mids
+        run_layer(layer, x_pruned, kw, bs, out=x_pruned)
+        del mid_dense
         report.append(entry)
         kept_pos += 1
     return {"layers": report}
