@@ -117,16 +117,22 @@ def measure_llamacpp(path: str, args) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.gen_len + 8, n_threads=args.threads,
                           n_batch=args.prompt_len, n_gpu_layers=0, verbose=False)
     load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # argmax of the last position's logits (scores are kept only with logits_all)
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
     pp, tg = [], []
     for rep in range(args.repeats + 1):  # the first run warms up
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy()
         for _ in range(args.gen_len):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = greedy()
         t2 = time.perf_counter()
         if rep:
             pp.append(len(ids) / (t1 - t0))
