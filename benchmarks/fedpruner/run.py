@@ -115,6 +115,10 @@ def summary(res: dict) -> dict:
     m = res.get("methods", {})
     ours = {k: m[k] for k in ("fedpruner", "fedpruner_plus") if k in m}
     base = {k: m[k] for k in MEMORY_AWARE_BASELINES if k in m}
+    if not (ours and base):
+        out["beats_best_memory_aware_baseline"] = {
+            "value": None, "note": f"not decided: finished methods {sorted(m)}; needs FedPruner(+) and at least one "
+                                   f"of {MEMORY_AWARE_BASELINES} (the runs did not finish in the time budget)"}
     if ours and base:
         def best(d, key, lower):
             items = [(v[key], k) for k, v in d.items() if v.get(key) is not None]
