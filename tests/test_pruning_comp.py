@@ -75,7 +75,7 @@ def test_zero_removal_leaves_logits_unchanged(arch):
 def test_comp_hits_ratio_within_half_a_point(arch, ratio):
     m = tiny_model(arch, num_hidden_layers=6, intermediate_size=192) if arch != "opt" else \
         tiny_model(arch, num_hidden_layers=6, ffn_dim=192)
-    res = fedprune.prune(m, "comp", ratio, calib_ids=calib(), layer_fraction=0.25)
+    res = fedprune.prune(m, "comp", ratio, calib_ids=calib(), layer_fraction=0.25, head_sparsity=None)
     assert abs(res.achieved_ratio - ratio) <= 0.005
     assert res.params_after == get_adapter(m).num_parameters()
     assert logits(m, calib(2)).isfinite().all()
@@ -167,3 +167,36 @@ def test_condition_estimate_matches_eigenvalues():
     M = Q @ torch.diag(ev) @ Q.T
     est = condition_estimate(M, torch.linalg.cholesky(M), iters=200)
     assert est == pytest.approx(1e5, rel=0.05)
+
+
+def test_importance_weights_prune_important_layers_less():
+    from fedprune.pruning.budget import importance_weights
+
+    w = importance_weights([0.1, 0.2, 0.3], strength=1.0)
+    assert w[0] > w[1] > w[2]
+    # z-scores are -1.2247, 0, 1.2247: the weights are exp(-z)
+    assert w[1] == pytest.approx(1.0) and w[0] * w[2] == pytest.approx(1.0)
+    assert importance_weights([0.1, 0.2, 0.3], strength=0.0) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="strength"):
+        importance_weights([0.1], -1.0)
+
+
+def test_allocate_water_fills_over_the_cap():
+    from fedprune.pruning.budget import allocate
+
+    # proportional: 60 over sizes 100/100/100 with weights 1/1/4 -> 10/10/40
+    assert allocate(60, [100, 100, 100], [1, 1, 4], cap=0.9) == pytest.approx([10, 10, 40])
+    # the heavy layer would get 160 > 90: it is capped, the 110 left split evenly
+    assert allocate(200, [100, 100, 100], [1, 1, 16], cap=0.9) == pytest.approx([55, 55, 90])
+    with pytest.raises(ValueError, match="remove more whole layers"):
+        allocate(280, [100, 100, 100], [1, 1, 1], cap=0.9)
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_comp_importance_allocation_hits_ratio_and_varies_layers(strength):
+    model = tiny_model("llama", num_hidden_layers=4, intermediate_size=192)
+    res = fedprune.prune(model, "comp", 0.2, calib_ids=calib(), layer_fraction=0.0, head_sparsity=0,
+                         allocation_strength=strength)
+    assert abs(res.achieved_ratio - 0.2) <= 0.005
+    widths = [get_adapter(model).intermediate_size(l) for l in get_adapter(model).layers]
+    assert (max(widths) - min(widths) > 1) == (strength > 0)  # uniform: rounding only

@@ -31,11 +31,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_no_mask_tuning": ("comp", {"mask_tuning": False}),
     "comp_layers_only": ("comp", {"layer_fraction": 1.0}),
     "comp_neurons_only": ("comp", {"layer_fraction": 0.0}),
+    "comp_uniform_allocation": ("comp", {"allocation_strength": 0.0}),
+    "comp_with_heads": ("comp", {"head_sparsity": None}),
     "comp_metric_energy": ("comp", {"neuron_metric": "energy"}),
     "comp_metric_vif": ("comp", {"neuron_metric": "vif"}),
     "comp_metric_compensated": ("comp", {"neuron_metric": "compensated"}),
     "comp_metric_cond_loo": ("comp", {"neuron_metric": "cond_loo"}),
-    "comp_metric_mask_lsq": ("comp", {"neuron_metric": "mask_lsq"}),
     **{p: (p, {}) for p in PEERS},
 }
 ABLATIONS = [k for k in VARIANTS if k.startswith("comp_")]
@@ -72,6 +73,9 @@ def worker(args) -> dict:
     # copy weights out of the safetensors memory map so resident memory reflects the model
     for p in model.parameters():
         p.data = p.data.clone()
+    import gc
+
+    gc.collect()
     rec: dict = {"name": args.name, "method": method, "ratio": args.ratio, "options": opts,
                  "calibration": {"corpus": "c4", "nsamples": args.nsamples, "seq_len": args.seq_len, "seed": args.seed}}
     dense_speed = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
@@ -233,6 +237,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (speed figures then share the CPU)")
     ap.add_argument("--no-eval", action="store_true", help="prune only (for the memory comparison)")
     ap.add_argument("--results-dir", default=None, help="where runs and tables go (default: results/)")
     args = ap.parse_args()
@@ -250,12 +255,26 @@ def main() -> None:
         ratios = sorted((float(r) for r in args.ratios.split(",")), key=lambda r: (r not in (0.2, 0.3), r))
         for r in ratios:
             jobs += [(m, r) for m in args.methods.split(",") if m]
-            if r == ratios[0]:
-                jobs += [(a, r) for a in args.ablations.split(",") if a and r in
-                         [float(x) for x in args.ablation_ratios.split(",") if x]]
-    for name, ratio in jobs:
-        run_one(args, name, ratio)
-        summarise(args)
+        for r in [float(x) for x in args.ablation_ratios.split(",") if x]:
+            jobs += [(a, r) for a in args.ablations.split(",") if a]
+    if args.jobs <= 1:
+        for name, ratio in jobs:
+            run_one(args, name, ratio)
+            summarise(args)
+        return
+    # independent subprocesses side by side (each still measures its own peak memory)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def one(job):
+        run_one(args, *job)
+        with lock:
+            summarise(args)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, jobs))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ in the denominator, tied embeddings once), as LLM-Pruner and FLAP report it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -49,25 +50,98 @@ class LayerTarget:
     channels: int  # FFN channels removed
 
 
-def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remove: int,
-                   head_sparsity: float | None = None) -> list[LayerTarget]:
-    """Spread ``params_to_remove`` uniformly over ``layer_ids`` as heads and FFN channels.
+def importance_weights(importance: list[float], strength: float) -> list[float]:
+    """Relative pruning weight of each layer from an importance score (higher = keep more).
 
-    Attention is pruned at the same relative sparsity as the whole layer (rounded to whole
-    query heads per KV group) unless ``head_sparsity`` fixes it (0 disables head pruning);
-    FFN channels absorb the rest so the total is exact to one channel per layer.
+    ``w_l = exp(-strength * z_l)`` with ``z_l`` the z-score of the importance over the
+    layers, so a layer one standard deviation more important than average is pruned
+    ``exp(strength)`` times less. ``strength = 0`` gives uniform weights.
+    """
+    if strength < 0:
+        raise ValueError(f"allocation strength must be >= 0, got {strength}")
+    n = len(importance)
+    if n == 0:
+        return []
+    mean = sum(importance) / n
+    std = (sum((v - mean) ** 2 for v in importance) / n) ** 0.5
+    if strength == 0 or std == 0:
+        return [1.0] * n
+    return [math.exp(-strength * (v - mean) / std) for v in importance]
+
+
+def allocate(total: float, sizes: list[float], weights: list[float], cap: float | list[float]) -> list[float]:
+    """Split ``total`` removed parameters over layers of ``sizes`` prunable parameters.
+
+    Layer ``l`` gets ``total * w_l s_l / sum(w s)`` (weighted in proportion to its size), but
+    never more than ``cap_l * s_l`` (``cap``: one fraction, or one per layer); the excess is
+    water-filled over the uncapped layers. The shares sum to ``total`` (raises if even the
+    caps everywhere cannot absorb it).
+    """
+    caps = [float(cap)] * len(sizes) if isinstance(cap, (int, float)) else [float(c) for c in cap]
+    room = sum(c * s for c, s in zip(caps, sizes))
+    if total > room * (1 + 1e-9):
+        raise ValueError(f"cannot remove {total:.0f} parameters: the layers' caps leave room for "
+                         f"{room:.0f} of their {sum(sizes):.0f} prunable parameters; remove more whole layers instead")
+    shares = [0.0] * len(sizes)
+    free = set(range(len(sizes)))
+    left = total
+    while free and left > 1e-9:
+        norm = sum(weights[i] * sizes[i] for i in free)
+        capped = [i for i in free if left * weights[i] * sizes[i] / norm >= caps[i] * sizes[i]]
+        if not capped:
+            for i in free:
+                shares[i] = left * weights[i] * sizes[i] / norm
+            break
+        for i in capped:
+            shares[i] = caps[i] * sizes[i]
+            left -= shares[i]
+            free.discard(i)
+    return shares
+
+
+def _removable(adapter: DecoderAdapter, layer: nn.Module, head_sparsity: float | None, cap: float) -> int:
+    """Most parameters one layer can give: all FFN channels but one, plus its heads at ``head_sparsity``
+    (``None``: at ``cap``), at least one query head kept per KV group."""
+    g, n_kv = adapter.group_size(layer), adapter.num_kv_heads(layer)
+    hs = cap if head_sparsity is None else head_sparsity
+    heads = 0
+    if g > 1:
+        heads = min(int(round(hs * g)), g - 1) * n_kv * query_head_cost(adapter, layer)
+    else:
+        heads = min(int(round(hs * n_kv)), n_kv - 1) * (query_head_cost(adapter, layer) + kv_head_cost(adapter, layer))
+    return heads + (adapter.intermediate_size(layer) - 1) * channel_cost(adapter, layer)
+
+
+def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remove: int,
+                   head_sparsity: float | None = None, importance: list[float] | None = None,
+                   strength: float = 0.0, cap: float = 0.9) -> list[LayerTarget]:
+    """Spread ``params_to_remove`` over ``layer_ids`` as heads and FFN channels.
+
+    By default uniformly (the same fraction of every layer); with ``importance`` (one score
+    per layer, higher = more important) and ``strength > 0``, less important layers give
+    more (``importance_weights`` and ``allocate``; no layer loses more than ``cap`` of its
+    prunable parameters). Attention is pruned at the same relative sparsity as the layer's
+    share (rounded to whole query heads per KV group) unless ``head_sparsity`` fixes it
+    (0 disables head pruning); FFN channels absorb the rest so the total is exact to one
+    channel per layer.
     """
     if params_to_remove <= 0 or not layer_ids:
         return [LayerTarget(0, 0, 0) for _ in layer_ids]
     layers = [adapter.layers[i] for i in layer_ids]
-    prunable = sum(module_params(adapter.attention(l)) + sum(module_params(x) for x in adapter.ffn_in(l))
-                   + module_params(adapter.ffn_out(l)) for l in layers)
-    s = params_to_remove / prunable
+    sizes = [module_params(adapter.attention(l)) + sum(module_params(x) for x in adapter.ffn_in(l))
+             + module_params(adapter.ffn_out(l)) for l in layers]
+    if importance is not None and len(importance) != len(layers):
+        raise ValueError(f"importance has {len(importance)} scores for {len(layers)} layers")
+    weights = importance_weights(importance, strength) if importance is not None else [1.0] * len(layers)
+    caps = [min(cap, _removable(adapter, l, head_sparsity, cap) / size) for l, size in zip(layers, sizes)]
+    shares = allocate(float(params_to_remove), [float(s) for s in sizes], weights, caps)
     targets: list[LayerTarget] = []
     remaining = params_to_remove
+    planned = sum(shares)
     for n, layer in enumerate(layers):
         g = adapter.group_size(layer)
         n_kv = adapter.num_kv_heads(layer)
+        s = shares[n] / sizes[n]
         hs = s if head_sparsity is None else head_sparsity
         # Heads are removed evenly from every KV group; keep at least one per group.
         k_h = min(int(round(hs * g)), g - 1) if g > 1 else 0
@@ -76,7 +150,9 @@ def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remo
             k_groups = min(int(round(hs * n_kv)), n_kv - 1)
         head_params = k_h * n_kv * query_head_cost(adapter, layer) + \
             k_groups * (query_head_cost(adapter, layer) + kv_head_cost(adapter, layer))
-        share = remaining / (len(layers) - n)
+        # this layer's planned share, corrected by what earlier roundings left over
+        share = shares[n] + (remaining - planned) / (len(layers) - n)
+        planned -= shares[n]
         ch = int(round(max(share - head_params, 0) / channel_cost(adapter, layer)))
         width = adapter.intermediate_size(layer)
         if ch >= width:
