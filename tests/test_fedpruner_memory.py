@@ -3,9 +3,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedprune.fedpruner.memory import (LLAMA_TARGETS, ModelShape, TrainSetup, block_costs, layer_activation_bytes,
-                                       lora_params_per_layer, max_layers_for_budget, saved_tensor_bytes,
-                                       training_memory)
+from fedprune.fedpruner.memory import (LLAMA_TARGETS, ModelShape, TrainSetup, block_costs, head_transient_bytes,
+                                       layer_activation_bytes, lora_params_per_layer, max_layers_for_budget,
+                                       saved_tensor_bytes, training_memory, transient_bytes)
 from fedprune.fedpruner.submodel import only_layers
 from fedprune.models.tiny import tiny_model
 
@@ -21,8 +21,12 @@ def test_component_counts_by_hand():
     assert mb.per_layer["weights"] == 4 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576)
     assert mb.per_layer["lora_state"] == 4 * 4 * lora_params_per_layer(SMOL, 8)  # param, grad, 2 AdamW states
     assert mb.embed_head == 4 * (49152 * 576 + 576)  # tied: one matrix
-    assert mb.transient == 4 * 4 * 512 * 49152  # logits + log-softmax + 2 grads, float32
+    # chunked loss (default): one 64-token chunk's log-softmax + 2 grads, float32, + gathered hidden and its grad
+    assert mb.transient == 3 * 4 * 64 * 49152 + 2 * 4 * 512 * 576
     assert mb.total == mb.embed_head + 10 * sum(mb.per_layer.values()) + mb.transient
+    full = training_memory(SMOL, TrainSetup(seq_len=256, batch_size=2, lora_rank=8, chunked_loss=False), 10)
+    assert full.transient == 3 * 4 * 512 * 49152  # full log-softmax + its grad + logits grad, float32
+    assert full.total - mb.total == full.transient - mb.transient
     untied = ModelShape(**{**SMOL.__dict__, "tied_embeddings": False})
     assert training_memory(untied, setup, 10).embed_head - mb.embed_head == 4 * 49152 * 576
     # full parameter count of SmolLM2-135M (134.5M) from the same formulas
@@ -32,13 +36,15 @@ def test_component_counts_by_hand():
     assert training_memory(SMOL, bf16, 1).per_layer["weights"] * 2 == mb.per_layer["weights"]
 
 
-@pytest.mark.parametrize("B,T,r,targets", [(2, 16, 4, LLAMA_TARGETS), (1, 32, 8, LLAMA_TARGETS),
-                                           (2, 8, 2, ("q_proj", "v_proj", "down_proj"))])
-def test_activation_formula_equals_counted_saved_tensors(B, T, r, targets):
+@pytest.mark.parametrize("B,T,r,targets,dropout", [(2, 16, 4, LLAMA_TARGETS, 0.0), (1, 32, 8, LLAMA_TARGETS, 0.0),
+                                                   (2, 8, 2, ("q_proj", "v_proj", "down_proj"), 0.0),
+                                                   (2, 16, 4, LLAMA_TARGETS, 0.05),
+                                                   (2, 8, 2, ("q_proj", "v_proj", "down_proj"), 0.05)])
+def test_activation_formula_equals_counted_saved_tensors(B, T, r, targets, dropout):
     """Count every tensor autograd saves (distinct storages, parameters excluded) per middle layer."""
     model = tiny_model("llama", num_hidden_layers=4)
     model.train()
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(targets)))
     ids = torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(0))
     params = list(pm.parameters())
 
@@ -47,7 +53,7 @@ def test_activation_formula_equals_counted_saved_tensors(B, T, r, targets):
             return saved_tensor_bytes(lambda: pm(input_ids=ids, labels=ids), params)
 
     per_layer = saved(3) - saved(2)
-    setup = TrainSetup(seq_len=T, batch_size=B, lora_rank=r, lora_targets=tuple(targets))
+    setup = TrainSetup(seq_len=T, batch_size=B, lora_rank=r, lora_targets=tuple(targets), lora_dropout=dropout)
     assert per_layer == layer_activation_bytes(ModelShape.from_config(model.config), setup)
 
 
@@ -82,6 +88,28 @@ def test_more_expensive_setups_fit_fewer_layers():
                                                           dtype="bf16", lora_dtype="float32")) > k
     eager = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, attention="eager")
     assert layer_activation_bytes(SMOL, eager) > layer_activation_bytes(SMOL, base)
+
+
+def test_chunked_head_modes():
+    """Chunked head: transient independent of the sequence beyond the hidden-state term, bounded
+    by the chunk; far below the full logits; more layers fit a budget; both modes kept."""
+    full = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, chunked_loss=False)
+    for chunk in (16, 64, 128):
+        ch = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, loss_chunk_tokens=chunk)
+        assert head_transient_bytes(SMOL, ch) == 12 * chunk * 49152 + 2 * 4 * 256 * 576
+        assert transient_bytes(SMOL, ch) < transient_bytes(SMOL, full)
+        assert max_layers_for_budget(0.3 * 2**30, SMOL, ch) > max_layers_for_budget(0.3 * 2**30, SMOL, full)
+    # a chunk as large as the batch saves nothing: the full working set + the gathered hidden states
+    big = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, loss_chunk_tokens=4096)
+    assert head_transient_bytes(SMOL, big) == head_transient_bytes(SMOL, full) + 2 * 4 * 256 * 576
+    # bf16: the head's float32 working set is the same, the gathered hidden states are bf16
+    bf = TrainSetup(seq_len=256, batch_size=1, lora_rank=8, dtype="bf16")
+    assert head_transient_bytes(SMOL, bf) == 12 * 64 * 49152 + 2 * 2 * 256 * 576
+    # a tiny vocabulary: one layer's backward dominates
+    small_v = ModelShape(**{**SMOL.__dict__, "vocab": 100})
+    assert transient_bytes(small_v, TrainSetup()) == 3 * 256 * 1536 * 4
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        TrainSetup(loss_chunk_tokens=0)
 
 
 def test_block_costs_split_a_layer():

@@ -14,8 +14,13 @@ Two allocator settings are measured: glibc as shipped, and glibc with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (every block of 64 KiB or more is its own mapping and goes
 back to the OS when freed, so RSS follows the live tensors). The model predicts live bytes.
 
+Two losses are measured: ``chunked`` (federated training's default, ``train.chunked_loss``:
+the LM head runs in checkpointed chunks of supervised tokens, ``federated.chunked_loss``) and
+``full`` (Hugging Face's ``labels=`` loss, full ``N x V`` logits); the memory model predicts
+each with ``TrainSetup.chunked_loss``.
+
 Calibration: the only fitted constant is ``fixed`` = measured - predicted at the smallest
-K (allocator slack, autograd bookkeeping); the other K are out-of-sample.
+K (allocator slack, autograd bookkeeping), per allocator and loss; the other K are out-of-sample.
 
     .venv/bin/python benchmarks/fedpruner/validate_memory_model.py --ks 4 8 15 30 --seq-len 256 --batch 2
 """
@@ -51,11 +56,13 @@ def _reset_hwm() -> bool:
         return False
 
 
-def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: str) -> dict:
+def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: str, loss: str = "chunked",
+           chunk: int = 64) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
     from fedprune import load_model
+    from fedprune.federated.chunked_loss import causal_lm_loss
     from fedprune.fedpruner.memory import LLAMA_TARGETS, saved_tensor_bytes
     from fedprune.fedpruner.submodel import only_layers
 
@@ -84,20 +91,27 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     baseline = _status_kb("VmRSS") * 1024
     hwm_ok = _reset_hwm()
     times = []
+
+    def step_loss():  # as local training computes it (federated.client.training_loss)
+        if loss == "chunked":
+            return causal_lm_loss(model, {"input_ids": ids, "labels": ids}, chunk)
+        return model(input_ids=ids, labels=ids).loss  # the output (its logits) is dropped before backward
+
     with only_layers(model, keep):
         for _ in range(steps):
             t0 = time.perf_counter()
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
+            out = step_loss()
+            out.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             del out
             times.append(time.perf_counter() - t0)
         peak = _status_kb("VmHWM") * 1024
         params = list(model.parameters())
-        saved = saved_tensor_bytes(lambda: model(input_ids=ids, labels=ids), params)
+        saved = saved_tensor_bytes(step_loss, params)
     return {
         "k": k, "layers": keep, "seq_len": seq_len, "batch": batch, "rank": rank, "steps": steps,
+        "loss": loss, "chunk": chunk,
         "rss_before_load": rss_start, "baseline_rss": baseline, "peak_rss": peak, "hwm_reset": hwm_ok,
         "measured_increase": peak - baseline, "saved_tensor_bytes": saved,
         "lora_params": sum(p.numel() for p in trainable), "step_seconds": times,
@@ -105,22 +119,33 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     }
 
 
-def predict(config, k: int, seq_len: int, batch: int, rank: int) -> dict:
+def predict(config, k: int, seq_len: int, batch: int, rank: int, loss: str = "chunked", chunk: int = 64) -> dict:
     from fedprune.fedpruner.memory import (ModelShape, TrainSetup, lora_params_per_layer, training_memory)
 
     shape = ModelShape.from_config(config)
-    setup = TrainSetup(seq_len=seq_len, batch_size=batch, lora_rank=rank)
+    setup = TrainSetup(seq_len=seq_len, batch_size=batch, lora_rank=rank, chunked_loss=loss == "chunked",
+                       loss_chunk_tokens=chunk)
     mb = training_memory(shape, setup, k)
     lora_param_bytes = k * lora_params_per_layer(shape, rank) * 4
-    head_saved = setup.tokens * shape.vocab * 4 + setup.tokens * shape.hidden * 4 + setup.tokens * 4
+    N = setup.tokens
+    # final norm input + rsqrt, and: full logits -> the log-softmax output (N V); chunked -> the
+    # gathered hidden states of the n = B (T - 1) supervised tokens, their positions and labels
+    n = batch * (seq_len - 1)
+    head_saved = N * shape.hidden * 4 + N * 4 + (
+        n * shape.hidden * 4 + 2 * n * 8 if setup.chunked_loss else N * shape.vocab * 4)
     return {
         "breakdown": mb.to_dict(),
         # what training adds above the loaded, LoRA-wrapped model
         "predicted_increase_uncalibrated": mb.lora_state - lora_param_bytes + mb.activations + mb.transient,
-        # saved-for-backward: K layers + head (final norm input, rsqrt, log-softmax output); loss scalars ignored
+        # saved-for-backward: K layers + head (see head_saved); loss scalars ignored
         "predicted_saved_bytes": mb.activations + head_saved,
     }
 
+
+LOSSES = {
+    "chunked": "federated training's default: the LM head in checkpointed chunks (--chunk tokens) of supervised tokens",
+    "full": "Hugging Face's labels= loss: full tokens x vocabulary logits",
+}
 
 ALLOCATORS = {
     # glibc as shipped: freed blocks below its dynamic mmap threshold stay in the heap
@@ -130,20 +155,21 @@ ALLOCATORS = {
 }
 
 
-def measure(args, config, allocator: str) -> list[dict]:
+def measure(args, config, allocator: str, loss: str) -> list[dict]:
     rows = []
     for k in args.ks:
         cmd = [sys.executable, __file__, "--worker", str(k), "--seq-len", str(args.seq_len), "--batch",
-               str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps), "--model", args.model]
+               str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps), "--model", args.model,
+               "--losses", loss, "--chunk", str(args.chunk)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATORS[allocator]}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise SystemExit(f"worker K={k} failed:\n{res.stderr[-3000:]}")
         m = json.loads(res.stdout.strip().splitlines()[-1])
-        m.update(predict(config, k, args.seq_len, args.batch, args.rank))
+        m.update(predict(config, k, args.seq_len, args.batch, args.rank, loss, args.chunk))
         m["allocator"] = allocator
         rows.append(m)
-        print(f"[{allocator}] K={k}: measured +{m['measured_increase'] / 2**20:.1f} MiB, predicted (uncal.) "
+        print(f"[{allocator}, {loss} loss] K={k}: measured +{m['measured_increase'] / 2**20:.1f} MiB, predicted (uncal.) "
               f"+{m['predicted_increase_uncalibrated'] / 2**20:.1f} MiB", flush=True)
     ref = min(rows, key=lambda r: r["k"])
     fixed = ref["measured_increase"] - ref["predicted_increase_uncalibrated"]
@@ -177,7 +203,10 @@ NOTE = (
     "returns to the OS at once and RSS follows the prediction; with glibc as shipped its dynamic mmap "
     "threshold climbs to the size of the freed activation blocks, later blocks come from the heap and "
     "fragment, and peak RSS grows by roughly 0.75x the per-layer activation bytes on top (not modelled: "
-    "it is allocator behaviour, not a fixed overhead). On a device, pin the threshold or budget that slack."
+    "it is allocator behaviour, not a fixed overhead). With the chunked loss glibc as shipped costs a further "
+    "~180-200 MiB at every K: each chunk's 12 MiB logits buffers (64 x 49152 x 4 bytes) lift the threshold above "
+    "every activation block, so all of them come from the fragmenting heap. On a device, pin the threshold or "
+    "budget that slack."
 )
 
 
@@ -190,42 +219,64 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES),
+                    help="chunked: federated training's default loss; full: full logits (labels=)")
+    ap.add_argument("--full-allocators", nargs="+", default=None, choices=list(ALLOCATORS),
+                    help="allocators for the full-logits loss (default: --allocators)")
+    ap.add_argument("--chunk", type=int, default=64, help="tokens per LM-head chunk of the chunked loss")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--render-only", action="store_true", help="rewrite memory_model.md from memory_model.json")
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.seq_len, args.batch, args.rank, args.steps, args.model)))
+        print(json.dumps(worker(args.worker, args.seq_len, args.batch, args.rank, args.steps, args.model,
+                                args.losses[0], args.chunk)))
+        return
+    if args.render_only:
+        d = json.loads((args.out / "memory_model.json").read_text())
+        render(d["results"], d["meta"], args.out)
         return
 
     from fedprune import load_model
 
     config = load_model(args.model).config
-    results = {a: measure(args, config, a) for a in args.allocators}
+    results = {loss: {a: measure(args, config, a, loss)
+                      for a in (args.full_allocators or args.allocators if loss == "full" else args.allocators)}
+               for loss in args.losses}
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch, "rank": args.rank,
-            "steps": args.steps, "platform": platform.platform(), "python": platform.python_version(),
-            "allocators": {a: ALLOCATORS[a] for a in args.allocators},
-            "command": ".venv/bin/python benchmarks/fedpruner/validate_memory_model.py " + " ".join(sys.argv[1:])}
+            "steps": args.steps, "chunk": args.chunk, "platform": platform.platform(),
+            "python": platform.python_version(), "allocators": {a: ALLOCATORS[a] for a in args.allocators},
+            "losses": {k: LOSSES[k] for k in args.losses},
+            "command": (".venv/bin/python benchmarks/fedpruner/validate_memory_model.py " + " ".join(sys.argv[1:])).strip()}
     (args.out / "memory_model.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    render(results, meta, args.out)
+
+
+def render(results: dict, meta: dict, out: Path) -> None:
     mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
     lines = [
         "# FedPruner memory model vs measured peak RSS (SmolLM2-135M, CPU, float32)", "",
-        f"Command: `{meta['command']}`  ", f"seq_len={args.seq_len}, batch={args.batch}, LoRA r={args.rank} on "
-        f"q/k/v/o/gate/up/down of the K trained layers (the others skipped), AdamW, {args.steps} steps, 1 thread, "
-        "a fresh process per K.  ",
+        f"Command: `{meta['command']}`  ", f"seq_len={meta['seq_len']}, batch={meta['batch']}, LoRA r={meta['rank']} on "
+        f"q/k/v/o/gate/up/down of the K trained layers (the others skipped), AdamW, {meta['steps']} steps, 1 thread, "
+        f"a fresh process per K; every token supervised (labels = input ids); chunked loss: {meta['chunk']}-token "
+        "chunks.  ",
         "Measured = VmHWM (reset after loading) - post-load RSS. Predicted = LoRA grads + AdamW states + "
-        "saved activations + transient (+ fixed, fitted at the smallest K only; other K are out of sample). "
-        "'saved-tensor counted' sums every distinct storage autograd saves (parameters excluded), "
-        "'formula' is the model's activation term + the LM head's saved tensors.",
+        "saved activations + transient (+ fixed, fitted at the smallest K only, per allocator and loss; other K "
+        "are out of sample). 'saved-tensor counted' sums every distinct storage autograd saves (parameters "
+        "excluded), 'formula' is the model's activation term + the LM head's saved tensors.",
     ]
-    for a, rows in results.items():
-        lines += ["", f"## allocator: {a} {ALLOCATORS[a] or ''}".rstrip(), ""] + table(rows)
-    first = next(iter(results.values()))
-    lines += ["", "Predicted total peak for a device (weights of the K layers + embeddings + LoRA state + "
-              "activations + transient; no runtime, no fixed):", ""]
-    lines += [f"- K={r['k']}: {mib(r['breakdown']['total'])} MiB" for r in first]
+    for loss, per_alloc in results.items():
+        lines += ["", f"## loss: {loss} ({LOSSES[loss]})"]
+        for a, rows in per_alloc.items():
+            lines += ["", f"### allocator: {a} {ALLOCATORS[a] or ''}".rstrip(), ""] + table(rows)
+    for loss, per_alloc in results.items():
+        first = next(iter(per_alloc.values()))
+        lines += ["", f"Predicted total peak for a device, {loss} loss (weights of the K layers + embeddings + "
+                  "LoRA state + activations + transient; no runtime, no fixed):", ""]
+        lines += [f"- K={r['k']}: {mib(r['breakdown']['total'])} MiB" for r in first]
     lines += ["", NOTE]
-    (args.out / "memory_model.md").write_text("\n".join(lines) + "\n")
+    (out / "memory_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

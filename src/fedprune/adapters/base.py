@@ -146,6 +146,11 @@ class DecoderAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def decoder(self) -> nn.Module:
+        """The decoder body: ``forward(input_ids, attention_mask, use_cache)`` returns the
+        ``last_hidden_state`` that :meth:`lm_head` reads directly (final norm applied)."""
+        return self.model.get_decoder()
+
     def attention(self, layer: nn.Module) -> nn.Module:
         raise NotImplementedError
 

@@ -27,6 +27,9 @@ class LlamaAdapter(DecoderAdapter):
         c = self.config
         return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
+    def decoder(self):
+        return self.model.model
+
     def embed_tokens(self):
         return self.model.model.embed_tokens
 

@@ -27,6 +27,9 @@ class OPTAdapter(DecoderAdapter):
     def head_dim(self) -> int:
         return int(self.config.hidden_size // self.config.num_attention_heads)
 
+    def decoder(self):
+        return self.model.model.decoder  # final LayerNorm and project_out included
+
     def embed_tokens(self):
         return self.model.model.decoder.embed_tokens
 

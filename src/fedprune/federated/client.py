@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .aggregators import compact
+from .chunked_loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .cost import payload_bytes, train_flops
 from .lora import SharedBaseModel
 from .partition import collate
@@ -39,9 +40,14 @@ class TrainSettings:
     """gradient clipping (0 disables)"""
     keep_optimizer_state: bool = False
     """keep each client's AdamW moments between its rounds (swapped in and out with its LoRA)"""
+    chunked_loss: bool = True
+    """loss through the LM head in checkpointed chunks of the supervised tokens only, never the
+    full tokens x vocabulary logits (``federated.chunked_loss``); false: Hugging Face's ``labels=`` loss"""
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    """supervised tokens per LM-head chunk of the chunked loss (peak ~ 3 x chunk x vocab x 4 bytes)"""
 
     def __post_init__(self):
-        for name in ("local_steps", "batch_size", "grad_accum"):
+        for name in ("local_steps", "batch_size", "grad_accum", "loss_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 8:
@@ -108,6 +114,14 @@ def sample_batches(examples: Sequence[dict], steps: int, micro: int, batch: int,
     return out
 
 
+def training_loss(base: SharedBaseModel, batch: Mapping[str, torch.Tensor], settings: TrainSettings) -> torch.Tensor:
+    """The local training loss of one micro-batch: chunked (default) or the model's own ``labels=``
+    loss (its output, logits included, dropped before backward, as ``fedpruner.memory`` models it)."""
+    if settings.chunked_loss:
+        return causal_lm_loss(base.peft, batch, settings.loss_chunk_tokens, adapter=base.adapter)
+    return base.peft(**batch).loss
+
+
 def train_client(base: SharedBaseModel, task: ClientTask, examples: Sequence[dict], settings: TrainSettings,
                  seed: int, pad_id: int, optimizer_state: Mapping | None = None) -> tuple[ClientResult, dict | None]:
     """Fine-tune the task's LoRA on ``examples`` (tokenised) and return the update.
@@ -141,9 +155,9 @@ def train_client(base: SharedBaseModel, task: ClientTask, examples: Sequence[dic
             step_loss = 0.0
             for mb in batches[s * settings.grad_accum:(s + 1) * settings.grad_accum]:
                 batch = collate(mb, pad_id)
-                out = base.peft(**batch)
-                (out.loss / settings.grad_accum).backward()
-                step_loss += float(out.loss.detach()) / settings.grad_accum
+                loss = training_loss(base, batch, settings)
+                (loss / settings.grad_accum).backward()
+                step_loss += float(loss.detach()) / settings.grad_accum
                 tokens += int(batch["attention_mask"].sum())
             if settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

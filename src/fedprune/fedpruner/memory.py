@@ -25,15 +25,30 @@ with ``N = batch * seq_len`` tokens, ``b`` bytes per base element, ``b_l`` per L
       FFN half: residual (N H) + normed (N H, if gate/up have LoRA) + gate out, up out,
         silu(gate) (3 N I) + silu(gate) * up (N I, if down has LoRA);
       LoRA A outputs: N r per target; RMSNorm rsqrt: 2 N (float32);
-      with LoRA dropout, per target its dropped input (N d_in) and a bool mask (N d_in bytes).
+      with LoRA dropout, per target its dropped input (N d_in) and the dropout mask (N d_in,
+        in the input's dtype: PyTorch's CPU dropout multiplies by a float noise tensor; CUDA's
+        fused kernel keeps a bool mask, so there the model errs high), and then the un-dropped
+        normed inputs / silu(gate) * up are no longer saved (only the LoRA-A read them).
 
   With ``attention="eager"`` the (B, n_heads, T, T) softmax output and its input are
   saved too (once: softmax output = matmul input), and k/v are saved after ``repeat_kv`` (N q each).
 - ``M_transient``: the largest short-lived working set, at the start of backward:
-  ``max(head, layer_backward)``. ``head`` = logits (N V b) kept by the model output +
-  float32 log-softmax output, its incoming gradient and the logits gradient (3 N V 4),
-  plus a float32 copy of the logits when ``b != 4``; ``layer_backward`` ~ 3 N I b.
-  (Activations of all layers are alive at that moment.)
+  ``max(head, layer_backward)``, ``layer_backward`` ~ 3 N I b. (Activations of all layers
+  are alive at that moment.) ``head`` depends on how the loss is computed:
+
+  * chunked (``chunked_loss=True``, the default of federated training,
+    ``federated.chunked_loss``): only supervised positions reach the LM head, ``c`` of them at
+    a time under activation checkpointing, so no ``N x V`` tensor ever exists. ``head`` = one
+    chunk's float32 log-softmax output, its incoming gradient and the logits gradient
+    (3 c V 4) + the gathered hidden states of the supervised tokens and their gradient
+    (2 N H b, all tokens supervised at worst), ``c = min(loss_chunk_tokens, N)``;
+  * full logits (``chunked_loss=False``, Hugging Face's ``labels=`` loss): the float32
+    log-softmax output of every position, its incoming gradient and the logits gradient
+    (3 N V 4). The model output, logits included, is dropped before backward (as local
+    training does); a caller that keeps it alive pays N V b more.
+
+  In both, a lower-precision chunk's logits and their float32 copy are freed before the
+  backward peak, so ``b`` does not change the head's term.
 
   The count is for a layer inside a trained stack (its input requires grad); the first
   trained layer saves slightly less, so the model errs on the safe side.
@@ -108,12 +123,19 @@ class TrainSetup:
     attention: str = "sdpa"
     separate_attn_out: bool = False
     lora_dropout: float = 0.0
-    """LoRA dropout probability; > 0 saves each target's dropped input and its bool mask"""
+    """LoRA dropout probability; > 0 saves each target's dropped input and its dropout mask"""
     fixed_overhead_bytes: int = 0
+    chunked_loss: bool = True
+    """the loss runs the LM head in checkpointed chunks of supervised tokens (``federated.chunked_loss``);
+    False: full ``N x V`` logits (Hugging Face's ``labels=`` loss)"""
+    loss_chunk_tokens: int = 64
+    """tokens per LM-head chunk of the chunked loss"""
 
     def __post_init__(self):
         if self.seq_len <= 0 or self.batch_size <= 0 or self.lora_rank <= 0:
             raise ValueError("seq_len, batch_size and lora_rank must be positive")
+        if self.loss_chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {sorted(OPTIMIZER_STATES)}")
         for name in (self.dtype, self.lora_dtype):
@@ -179,11 +201,12 @@ def lora_state_bytes_per_layer(shape: ModelShape, setup: TrainSetup) -> int:
 
 def lora_dropout_bytes(shape: ModelShape, setup: TrainSetup, targets: tuple[str, ...]) -> int:
     """With LoRA dropout, every target's LoRA-A saves its dropped input (N d_in) and dropout
-    saves a bool mask (N d_in bytes); PEFT applies dropout per target, so q/k/v pay it thrice."""
+    saves its mask (N d_in, the input's dtype on CPU); PEFT applies dropout per target, so q/k/v
+    pay it thrice. (The un-dropped inputs this replaces are left out by the callers.)"""
     if not setup.lora_dropout:
         return 0
     lin = shape.linear_shapes()
-    return sum(setup.tokens * lin[t][0] * (DTYPE_BYTES[setup.dtype] + 1) for t in targets)
+    return sum(setup.tokens * lin[t][0] * 2 * DTYPE_BYTES[setup.dtype] for t in targets)
 
 
 def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
@@ -193,11 +216,13 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     q, kv = shape.num_heads * shape.d, shape.num_kv_heads * shape.d
     b = DTYPE_BYTES[setup.dtype]
     targets = set(setup.lora_targets)
+    # with LoRA dropout the LoRA-A read dropped copies (lora_dropout_bytes), not these inputs
+    undropped = not setup.lora_dropout
     elems = 0
     # attention half: the residual input x (RMSNorm), the normed input (only when a q/k/v
     # LoRA-A reads it; frozen base linears keep only their weight), rotated q/k, v, output
     elems += N * H
-    if targets & {"q_proj", "k_proj", "v_proj"}:
+    if targets & {"q_proj", "k_proj", "v_proj"} and undropped:
         elems += N * H
     if setup.attention == "sdpa":
         elems += N * (q + 2 * kv) + N * q
@@ -208,9 +233,9 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     # FFN half: residual, normed (when a gate/up LoRA-A reads it), gate, up, silu(gate),
     # silu(gate)*up (when the down LoRA-A reads it)
     elems += N * H + 3 * N * I
-    if targets & {"gate_proj", "up_proj"}:
+    if targets & {"gate_proj", "up_proj"} and undropped:
         elems += N * H
-    if "down_proj" in targets:
+    if "down_proj" in targets and undropped:
         elems += N * I
     # LoRA-A outputs, saved by each LoRA-B
     elems += N * setup.lora_rank * len(targets)
@@ -225,12 +250,25 @@ def embed_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     return n * DTYPE_BYTES[setup.dtype]
 
 
+def head_transient_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    """The LM head's and loss's working set in backward (module doc).
+
+    Chunked: one chunk's float32 log-softmax, its grad and the logits grad, and the gathered
+    supervised hidden states with their grad. Full: the float32 log-softmax of every position,
+    its grad and the logits grad (the model output is dropped before backward).
+    """
+    N, V, H, b = setup.tokens, shape.vocab, shape.hidden, DTYPE_BYTES[setup.dtype]
+    if setup.chunked_loss:
+        c = min(setup.loss_chunk_tokens, N)
+        return 3 * c * V * 4 + 2 * N * H * b
+    return 3 * N * V * 4
+
+
 def transient_bytes(shape: ModelShape, setup: TrainSetup) -> int:
-    """``max(head, layer_backward)``: logits + float32 log-softmax, its grad and the logits grad."""
-    N, V, b = setup.tokens, shape.vocab, DTYPE_BYTES[setup.dtype]
-    head = N * V * b + 3 * N * V * 4 + (N * V * 4 if b != 4 else 0)
-    layer_bwd = 3 * N * shape.intermediate * b
-    return max(head, layer_bwd)
+    """``max(head, layer_backward)``: the LM head's working set (:func:`head_transient_bytes`)
+    or one layer's backward (~3 N I b)."""
+    layer_bwd = 3 * setup.tokens * shape.intermediate * DTYPE_BYTES[setup.dtype]
+    return max(head_transient_bytes(shape, setup), layer_bwd)
 
 
 def training_memory(shape: ModelShape, setup: TrainSetup, num_layers: int) -> MemoryBreakdown:
@@ -276,7 +314,10 @@ def block_costs(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
     lin = shape.linear_shapes()
     w_mlp = (sum(lin[t][0] * lin[t][1] for t in ("gate_proj", "up_proj", "down_proj")) + H) * b
     lora_mlp = lora_state_bytes_per_layer(shape, TrainSetup(**{**asdict(setup), "lora_targets": mlp_t})) if mlp_t else 0
-    act_mlp = (2 * N * H + 4 * N * I + N * setup.lora_rank * len(mlp_t)) * b + N * 4 + \
+    undropped = not setup.lora_dropout
+    act_mlp = (N * H + 3 * N * I + N * setup.lora_rank * len(mlp_t)
+               + (N * H if undropped and {"gate_proj", "up_proj"} & set(mlp_t) else 0)
+               + (N * I if undropped and "down_proj" in mlp_t else 0)) * b + N * 4 + \
         lora_dropout_bytes(shape, setup, mlp_t)
     mlp = w_mlp + lora_mlp + act_mlp
     attn = sum(total.values()) - mlp

@@ -6,7 +6,8 @@ Everything here is a composition of the tested cores (``memory``, ``cka``, ``par
 
 Memory budget -> K: ``memory.training_memory`` predicts live tensor bytes. With glibc as shipped
 the peak RSS is higher (freed activation blocks fragment the heap: about +0.75x the
-activation bytes at K=30, see ``benchmarks/fedpruner/results/memory_model.md``).
+activation bytes at K=30, and with the chunked loss a further ~190 MiB at any K for
+SmolLM2-135M, see ``benchmarks/fedpruner/results/memory_model.md``).
 ``activation_slack`` budgets that: every activation byte is counted ``1 + slack`` times. The
 benchmark pins ``MALLOC_MMAP_THRESHOLD_=65536`` instead and uses slack 0.
 """
@@ -68,13 +69,15 @@ def unit_costs(shape: ModelShape, setup: TrainSetup, activation_slack: float = 0
 
 
 def setup_for(seq_len: int, batch_size: int, rank: int, targets: Sequence[str], dtype: str = "float32",
-              fixed_overhead_bytes: int = 0, lora_dropout: float = 0.0) -> TrainSetup:
+              fixed_overhead_bytes: int = 0, lora_dropout: float = 0.0, chunked_loss: bool = True,
+              loss_chunk_tokens: int = 64) -> TrainSetup:
     """A :class:`TrainSetup` from federated settings (LoRA targets outside LLaMA's seven are ignored)."""
     from .memory import LLAMA_TARGETS
 
     t = tuple(x for x in targets if x in LLAMA_TARGETS) or ("q_proj",)
     return TrainSetup(seq_len=seq_len, batch_size=batch_size, lora_rank=rank, lora_targets=t, dtype=dtype,
-                      fixed_overhead_bytes=int(fixed_overhead_bytes), lora_dropout=float(lora_dropout))
+                      fixed_overhead_bytes=int(fixed_overhead_bytes), lora_dropout=float(lora_dropout),
+                      chunked_loss=bool(chunked_loss), loss_chunk_tokens=int(loss_chunk_tokens))
 
 
 def with_rank(setup: TrainSetup, rank: int) -> TrainSetup:
