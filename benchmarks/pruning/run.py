@@ -98,6 +98,12 @@ def worker(args) -> dict:
     if args.no_eval:
         rec["speed"] = dense_speed
         return rec
+    if args.speed_only:
+        sp = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
+        rec.update(speed=sp, dense_speed=dense_speed,
+                   prefill_speedup=sp["prefill_tokens_per_s"] / dense_speed["prefill_tokens_per_s"],
+                   decode_speedup=sp["decode_tokens_per_s"] / dense_speed["decode_tokens_per_s"])
+        return rec
     ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
                   progress=False)
@@ -121,6 +127,9 @@ def run_one(args, name: str, ratio: float) -> dict | None:
            "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model]
     if args.no_eval:
         cmd.append("--no-eval")
+    if args.speed_only:
+        cmd.append("--speed-only")
+    cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--repeats", str(args.repeats)]
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -169,6 +178,23 @@ def memory_table(records: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_table(records: list[dict], args) -> str:
+    lines = [f"Prefill {args.prompt_len} tokens and decode {args.gen_len} tokens, batch 1, {args.threads} CPU "
+             f"thread(s), median of {args.repeats}, one run at a time; each pruned model is measured next to the "
+             "dense model in the same process.\n",
+             "| method | ratio | achieved | prefill tok/s (dense -> pruned) | prefill x | decode tok/s (dense -> pruned) "
+             "| decode x | peak memory MiB (dense -> pruned) |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["name"] == "dense" or "speed" not in r:
+            continue
+        d, q = r["dense_speed"], r["speed"]
+        lines.append(f"| {r['name']} | {r['ratio']} | {r['achieved_ratio']:.4f} | {d['prefill_tokens_per_s']:.0f} -> "
+                     f"{q['prefill_tokens_per_s']:.0f} | {r['prefill_speedup']:.2f} | {d['decode_tokens_per_s']:.1f} -> "
+                     f"{q['decode_tokens_per_s']:.1f} | {r['decode_speedup']:.2f} | {d['peak_memory_bytes'] / 2**20:.0f} -> "
+                     f"{q['peak_memory_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -203,6 +229,10 @@ def summarise(args) -> None:
     if args.no_eval:
         atomic.write_json(RESULTS / "memory.json", {"settings": vars(args), "runs": records})
         atomic.write_text(RESULTS / "memory.md", memory_table(records, args))
+        return
+    if args.speed_only:
+        atomic.write_json(RESULTS / "speed.json", {"settings": vars(args), "runs": records})
+        atomic.write_text(RESULTS / "speed.md", speed_table(records, args))
         return
     md = (f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
           f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
@@ -239,6 +269,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (speed figures then share the CPU)")
     ap.add_argument("--no-eval", action="store_true", help="prune only (for the memory comparison)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="prune, then measure prefill/decode speed against the dense model (no evaluation)")
     ap.add_argument("--results-dir", default=None, help="where runs and tables go (default: results/)")
     args = ap.parse_args()
     global RESULTS
