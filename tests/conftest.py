@@ -18,3 +18,12 @@ def model(arch):
 def input_ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, 128, (2, 12), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

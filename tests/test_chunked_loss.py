@@ -13,12 +13,7 @@ from fedprune.fedpruner.memory import TrainSetup, saved_tensor_bytes
 from fedprune.models.tiny import tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peft_tiny(arch: str, vocab: int = 128):

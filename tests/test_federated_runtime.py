@@ -18,13 +18,7 @@ FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_
         "eval.rouge_examples=1", "eval.max_new_tokens=2", "federation.dropout=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: intra-op threads only add contention (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

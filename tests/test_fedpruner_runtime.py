@@ -22,12 +22,7 @@ SEQ = 48
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

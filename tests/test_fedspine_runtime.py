@@ -26,12 +26,7 @@ FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_
         "eval.rouge_examples=0", "federation.dropout=false", "federation.ranks=[2,4]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
