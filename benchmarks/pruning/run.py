@@ -98,20 +98,20 @@ def worker(args) -> dict:
     if args.no_eval:
         rec["speed"] = dense_speed
         return rec
-    if args.speed_only:
+    def measure_speed() -> dict:
         sp = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
-        rec.update(speed=sp, dense_speed=dense_speed,
-                   prefill_speedup=sp["prefill_tokens_per_s"] / dense_speed["prefill_tokens_per_s"],
-                   decode_speedup=sp["decode_tokens_per_s"] / dense_speed["decode_tokens_per_s"])
+        return dict(speed=sp, dense_speed=dense_speed,
+                    prefill_speedup=sp["prefill_tokens_per_s"] / dense_speed["prefill_tokens_per_s"],
+                    decode_speedup=sp["decode_tokens_per_s"] / dense_speed["decode_tokens_per_s"])
+
+    if args.speed_only:
+        rec.update(measure_speed())
         return rec
     ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
                   progress=False)
-    sp = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
     rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"], zero_shot=zs["results"], zero_shot_avg=zs["average"],
-               speed=sp, dense_speed=dense_speed,
-               prefill_speedup=sp["prefill_tokens_per_s"] / dense_speed["prefill_tokens_per_s"],
-               decode_speedup=sp["decode_tokens_per_s"] / dense_speed["decode_tokens_per_s"],
+               **measure_speed(),
                settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "eval_limit": args.eval_limit,
                          "tasks": args.tasks, "threads": args.threads})
     return rec
