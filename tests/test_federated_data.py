@@ -76,6 +76,16 @@ def test_fleet_and_profiles():
         parse_fleet("tx2:x")
 
 
+def test_fleet_entry_can_declare_its_memory_budget():
+    a, b, c = parse_fleet("phone@1.5GB:2,tx2@512MB:1")
+    assert a == b and a.memory_bytes == int(1.5 * 2**30) and a.name == "phone@1.5GB"
+    assert a.rel_throughput == DEVICE_PROFILES.get("phone").rel_throughput  # the rest as registered
+    assert c.memory_bytes == 512 * 2**20
+    for bad in ("tx2@:1", "tx2@12:1", "tx2@-1GB:1", "tx2@lotsGB:1"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_fleet(bad)
+
+
 def test_train_flops_and_simulated_time():
     assert train_flops(100, 10) == 6000.0
     assert train_flops(100, 10, trainable_params=5) == 6 * 105 * 10

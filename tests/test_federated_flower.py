@@ -39,8 +39,30 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-@pytest.mark.parametrize("strategy,ranks", [("hetlora", "[2,4]")])
-def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks):
+def small_budget(overrides: list[str]) -> str:
+    """A memory budget (in KB) holding 2 of the tiny model's 4 layers under FedPruner's memory model."""
+    from fedprune.fedpruner import plan as fp
+    from fedprune.federated.config import load_config
+    from fedprune.federated.simulation import load_base
+    from fedprune.federated.strategies import make_strategy
+
+    cfg = load_config(None, [o for o in overrides if not o.startswith("federation.fleet")])
+    st = make_strategy("fedpruner", cfg.lora, None, cfg.federation.options)
+    st.bind(load_base(cfg)[0].config, cfg)
+    return f"{(fp.predicted_peak(st.shape, st.setup, 2) + 2048) / 1024:.0f}KB"
+
+
+@pytest.mark.parametrize("strategy,ranks,extra", [
+    ("hetlora", "[2,4]", []),
+    # FedPruner: each device plans its layers on its own data (CKA groups, importance draw)
+    # (budget of device 0: its declared memory holds 2 of the 4 layers; see small_budget)
+    ("fedpruner", "[]", ["federation.fleet=tx2@{small}:1,agx-xavier:1", "lora.target_modules=[q_proj,v_proj,up_proj]"]),
+    # FedSpine: one round (its bandit's next choice depends on completion times, simulated in-process
+    # and measured over Flower); the device prunes while tuning and returns its masks
+    ("fedspine", "[4]", ["federation.rounds=1", "federation.options={interval: 1, p_range: [0.2, 0.3]}",
+                         "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]),
+])
+def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks, extra):
     bindir = Path(sys.executable).parent
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), OMP_NUM_THREADS="1",
                PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -49,6 +71,7 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks):
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     overrides = OVERRIDES + [f"federation.strategy={strategy}", f"federation.ranks={ranks}"]
+    overrides += [e.replace("{small}", small_budget(overrides + extra)) for e in extra]
     run_dir = tmp_path / "run"
     procs = []
     logs = []
@@ -96,3 +119,8 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks):
     for k, v in sim.global_.tensors.items():
         assert torch.allclose(flower["tensors"][k], v, atol=1e-6), k
     assert any(v.abs().sum() > 0 for k, v in flower["tensors"].items() if k.endswith("lora_B"))
+    if strategy == "fedpruner":  # the small device really trained a 2-layer submodel (in both runtimes)
+        assert sorted(sim.global_.meta["layer_rounds_trained"]) != [4, 4, 4, 4]
+        assert sum(sim.global_.meta["layer_rounds_trained"]) == 2 * (4 + 2)
+    if strategy == "fedspine":  # the device pruned while tuning and the server kept its masks
+        assert flower["meta"]["masks"] and flower["meta"]["trace"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..registry import Registry
 
@@ -63,8 +63,30 @@ for _p in (
     DEVICE_PROFILES.register(_p.name, _p)
 
 
+_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def parse_memory(text: str) -> float:
+    """``"512MB"``, ``"1.5GB"``, ``"300KB"`` -> gigabytes (binary units)."""
+    t = str(text).strip().upper().replace("IB", "B")
+    for unit, scale in _UNITS.items():
+        if t.endswith(unit):
+            try:
+                value = float(t[:-len(unit)])
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return value * scale / 2**30
+    raise ValueError(f"bad memory size {text!r}: expected a positive number with KB, MB or GB, e.g. 1.5GB")
+
+
 def parse_fleet(spec: str) -> list[DeviceProfile]:
-    """``"tx2:30,xavier-nx:40,agx-xavier:10"`` -> 80 profiles, in that order (client id = index)."""
+    """``"tx2:30,xavier-nx:40,agx-xavier:10"`` -> 80 profiles, in that order (client id = index).
+
+    ``NAME@MEMORY:COUNT`` (e.g. ``phone@1.5GB:10``) declares that class with another memory
+    budget (the budget memory-aware strategies plan for), everything else as registered.
+    """
     fleet: list[DeviceProfile] = []
     for part in str(spec).split(","):
         part = part.strip()
@@ -77,7 +99,11 @@ def parse_fleet(spec: str) -> list[DeviceProfile]:
             raise ValueError(f"bad fleet entry {part!r}: expected NAME:COUNT, e.g. tx2:30") from None
         if n < 0:
             raise ValueError(f"bad fleet entry {part!r}: count must be >= 0")
-        fleet.extend([DEVICE_PROFILES.get(name.strip())] * n)
+        name, at, memory = name.strip().partition("@")
+        profile = DEVICE_PROFILES.get(name.strip())
+        if at:
+            profile = replace(profile, name=f"{profile.name}@{memory.strip()}", memory_gb=parse_memory(memory))
+        fleet.extend([profile] * n)
     if not fleet:
         raise ValueError(f"empty fleet {spec!r}; example: tx2:30,xavier-nx:40,agx-xavier:10")
     return fleet

@@ -249,6 +249,9 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
                 atomic.append_jsonl(run_dir / "clients.jsonl", {**rec, "status": "error", "reason": rep.error.reason})
                 continue
             res = _result_from_reply(rep)
+            # a real deployment has no simulated clock: the device's completion time is the
+            # training wall time it reports (FedSpine's reward reads it)
+            res.metrics.setdefault("time_s", float(res.metrics.get("wall_s", 0.0)))
             task = tasks.get(res.cid)
             problem = "answers a client that was not asked" if task is None else update_problem(
                 res, task, fed.max_update_norm)

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..federated.aggregators import compact
-from ..federated.client import ClientResult, ClientTask, TrainSettings, _detach_state, sample_batches
+from ..federated.client import ClientResult, ClientTask, TrainSettings, _detach_state, sample_batches, training_loss
 from ..federated.cost import train_flops
 from ..federated.partition import collate
 from ..federated.submodel import lora_masks
@@ -145,9 +145,9 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
             step_loss, step_tokens = 0.0, 0
             for mb in batches[s * settings.grad_accum:(s + 1) * settings.grad_accum]:
                 batch = collate(mb, pad_id)
-                out = base.peft(**batch)
-                (out.loss / settings.grad_accum).backward()
-                step_loss += float(out.loss.detach()) / settings.grad_accum
+                loss = training_loss(base, batch, settings)  # chunked LM-head loss by default
+                (loss / settings.grad_accum).backward()
+                step_loss += float(loss.detach()) / settings.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
             hf = {i: float(m.float().mean()) for i, m in handle.head_masks.items()}
             cf = {i: float(m.float().mean()) for i, m in handle.channel_masks.items()}

@@ -64,6 +64,9 @@ def available_methods() -> list[str]:
     return PRUNERS.names()
 
 
+from .activations import release_free_memory  # noqa: E402
+
+
 def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:
     from ..data import calibration_samples
 
@@ -90,6 +93,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
     adapter = get_adapter(model)
     if calib_ids is None:
         calib_ids = get_calibration(tokenizer, calibration, nsamples, seq_len, seed, data_dir)
+    release_free_memory()  # tokenizing the corpus leaves freed heap behind: not the pruner's memory
     torch.manual_seed(seed)
     before = adapter.num_parameters()
     proc = psutil.Process()

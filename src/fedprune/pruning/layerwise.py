@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..adapters import DecoderAdapter
+from .activations import HiddenStream
 
 
 class _Stop(Exception):
@@ -30,22 +31,17 @@ class LayerInputs:
     kwargs: dict[str, Any]
 
 
-@torch.no_grad()
-def capture_layer0_inputs(adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int = 8) -> LayerInputs:
-    """Run embeddings (and rotary tables) and stop at the first decoder layer.
-
-    ``input_ids``: ``[N, L]``. Returns the inputs of layer 0 for every sample and the keyword
-    arguments the layer is called with (attention mask, position embeddings, ...), which
-    are the same for every batch of equal shape.
-    """
+def _capture(adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int,
+             sink: Callable[[int, torch.Tensor], None]) -> dict[str, Any]:
+    """Run embeddings batch by batch up to layer 0; ``sink(batch_index, hidden)`` gets each batch."""
     model = adapter.model
     first = adapter.layers[0]
-    chunks: list[torch.Tensor] = []
     saved: dict[str, Any] = {}
+    state = {"batch": 0}
 
     def hook(_mod, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
-        chunks.append(hs.detach())
+        sink(state["batch"], hs.detach())
         if not saved:
             saved.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Stop
@@ -53,7 +49,8 @@ def capture_layer0_inputs(adapter: DecoderAdapter, input_ids: torch.Tensor, batc
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for i in range(0, input_ids.shape[0], batch_size):
+        for b, i in enumerate(range(0, input_ids.shape[0], batch_size)):
+            state["batch"] = b
             try:
                 model(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
             except _Stop:
@@ -62,7 +59,32 @@ def capture_layer0_inputs(adapter: DecoderAdapter, input_ids: torch.Tensor, batc
         handle.remove()
     saved["use_cache"] = False
     saved.pop("past_key_values", None)
-    return LayerInputs(torch.cat(chunks), saved)
+    return saved
+
+
+@torch.no_grad()
+def capture_layer0_inputs(adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int = 8) -> LayerInputs:
+    """Run embeddings (and rotary tables) and stop at the first decoder layer.
+
+    ``input_ids``: ``[N, L]``. Returns the inputs of layer 0 for every sample and the keyword
+    arguments the layer is called with (attention mask, position embeddings, ...), which
+    are the same for every batch of equal shape.
+    """
+    chunks: list[torch.Tensor] = []
+    kwargs = _capture(adapter, input_ids, batch_size, lambda _b, hs: chunks.append(hs))
+    return LayerInputs(torch.cat(chunks), kwargs)
+
+
+@torch.no_grad()
+def capture_layer0_stream(adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int = 8,
+                          offload: str = "auto", scratch_dir=None) -> tuple[HiddenStream, dict[str, Any]]:
+    """Like :func:`capture_layer0_inputs`, into a :class:`HiddenStream` (batches of ``batch_size``)."""
+    n, seq = input_ids.shape
+    d = adapter.hidden_size
+    dtype = next(adapter.model.parameters()).dtype
+    stream = HiddenStream(n, seq, d, batch_size, dtype, offload, scratch_dir)
+    kwargs = _capture(adapter, input_ids, batch_size, stream.write)
+    return stream, kwargs
 
 
 def _batch_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:

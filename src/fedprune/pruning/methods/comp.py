@@ -11,8 +11,9 @@
    one scale per kept head / channel so the pruned layer reproduces the *dense* model's
    output; scales are folded into ``o_proj`` / ``down_proj``. No gradient is taken.
 
-Memory: two ``N x L x d`` hidden-state streams (dense and pruned) plus the dense layer's
-post-attention residual and output for the current layer, one ``k x k`` system at a time.
+Memory: two ``N x L x d`` hidden-state streams (dense and pruned; plus the dense layer's
+post-attention residual when heads are pruned), held batch by batch and spilled to a scratch
+file at large calibration sizes (``activations.HiddenStream``), one ``k x k`` system at a time.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from ...adapters import DecoderAdapter
 from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets
 from ..criteria.layer import block_influence
 from ..criteria.neuron import NEURON_CRITERIA, removal_order
-from ..layerwise import capture_layer0_inputs, final_logits_nll, hooks, run_layer
+from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
+from ..layerwise import capture_layer0_stream, final_logits_nll, hooks, run_layer
 from ..selection import choose_heads, heads_removed
 from ..mask_tuning import fold_column_scales, solve_mask
 from ..stats import GramAccumulator, flat_tokens, linear_bias
@@ -61,7 +63,13 @@ class CompOptions:
     max_layer_sparsity: float = 0.9
     """No kept layer loses more than this share of its attention + FFN parameters."""
     damp: float = 0.01
-    batch_size: int = 8
+    batch_size: int = 4
+    """Calibration samples per forward pass (the transient activations of one pass scale with it)."""
+    offload: str = "auto"
+    """Where the calibration hidden-state streams live: ``memory``, ``disk`` (a scratch file, one batch
+    resident at a time) or ``auto`` (disk when a stream exceeds 64 MiB, e.g. 128 x 512 tokens)."""
+    scratch_dir: str | None = None
+    """Directory for spilled streams (default: the system's temporary directory)."""
     auto_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     auto_nsamples: int = 16
 
@@ -75,17 +83,33 @@ class CompOptions:
         if self.layer_metric not in ("bi", "sleb"):
             raise ValueError(f"layer_metric must be 'bi' or 'sleb', got {self.layer_metric!r}")
         NEURON_CRITERIA.get(self.neuron_metric)  # raises with the known names
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @torch.no_grad()
-def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time."""
-    inp = capture_layer0_inputs(adapter, ids, batch_size)
-    x, scores = inp.hidden, []
-    for layer in tqdm(adapter.layers, desc="block influence", leave=False):
-        y = run_layer(layer, x, inp.kwargs, batch_size)
-        scores.append(block_influence(x, y))
-        x = y
+def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8,
+                           offload: str = "auto", scratch_dir=None) -> list[float]:
+    """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time.
+
+    Batch by batch: ``BI = 1 - mean_t cos`` is accumulated as a token-weighted mean, and each
+    batch's output overwrites its input in the stream (one ``N x L x d`` buffer in all).
+    """
+    x, kw = capture_layer0_stream(adapter, ids, batch_size, offload, scratch_dir)
+    scores = []
+    with x:
+        for layer in tqdm(adapter.layers, desc="block influence", leave=False):
+            total, count = 0.0, 0
+            for b, xb in x.batches():
+                yb = run_layer(layer, xb, kw, batch_size)
+                tokens = xb.shape[0] * xb.shape[1]
+                total += block_influence(xb, yb) * tokens
+                count += tokens
+                x.write(b, yb)
+            scores.append(total / count)
+    release_free_memory()
     return scores
 
 
@@ -134,41 +158,45 @@ def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torc
 @torch.no_grad()
 def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_layers: list[int],
                             targets: list[LayerTarget], opts: CompOptions, dense_layers: list) -> dict[str, Any]:
-    """Fine step + mask tuning over the kept layers, one layer at a time (module docstring)."""
-    inp = capture_layer0_inputs(adapter, ids, opts.batch_size)
-    kw, bs = inp.kwargs, opts.batch_size
-    x_dense = inp.hidden
-    x_pruned = inp.hidden.clone()
+    """Fine step + mask tuning over the kept layers, one layer at a time (module docstring).
+
+    The dense and pruned streams are :class:`HiddenStream` s (spilled to disk at calibration
+    sizes where they would dominate memory, ``opts.offload``); only one batch of each is
+    resident, and each layer's dense output overwrites the dense stream batch by batch.
+    """
+    bs = opts.batch_size
+    x_dense, kw = capture_layer0_stream(adapter, ids, bs, opts.offload, opts.scratch_dir)
+    x_pruned = x_dense.clone()
     hd = adapter.head_dim
     report: list[dict[str, Any]] = []
     kept_pos = 0
     for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
         if orig_i in removed_layers:
-            run_layer(dense_layer, x_dense, kw, bs, out=x_dense)  # the dense stream still passes through it
+            for b, xb in x_dense.batches():  # the dense stream still passes through it
+                x_dense.write(b, run_layer(dense_layer, xb, kw, bs))
             continue
         layer = dense_layer  # the same module: kept layers are pruned in place
         tgt = targets[kept_pos]
         entry: dict[str, Any] = {"layer": orig_i}
         prune_heads = bool(tgt.heads_per_group or tgt.groups)
         # -- dense targets: post-attention residual (only when heads are pruned) and output of the
-        #    unpruned layer; the output overwrites the dense stream in place (it is the next input)
+        #    unpruned layer; the output overwrites the dense stream (it is the next layer's input)
         o = adapter.o_proj(layer)
-        mid_dense = torch.empty_like(x_dense) if prune_heads else None
-        for b in range(0, x_dense.shape[0], bs):
-            xb = x_dense[b:b + bs]
+        mid_dense = HiddenStream(x_dense.n, x_dense.seq_len, x_dense.d, bs, x_dense.dtype, opts.offload,
+                                 opts.scratch_dir) if prune_heads else None
+        for b, xb in x_dense.batches():
 
             def keep_mid(m, i, out, xb=xb, b=b):  # a forward hook must return None
-                mid_dense[b:b + bs].copy_(xb + out)
+                mid_dense.write(b, xb + out)
 
             with hooks([(o, keep_mid)] if prune_heads else []):
-                run_layer(layer, xb, kw, bs, out=xb)
+                x_dense.write(b, run_layer(layer, xb, kw, bs))
         y_dense = x_dense
         # -- attention heads
         if prune_heads:
             acc = GramAccumulator(adapter.num_heads(layer))
-            for b in range(0, x_pruned.shape[0], bs):
-                xb = x_pruned[b:b + bs]
-                eb = flat_tokens(mid_dense[b:b + bs] - xb) - linear_bias(o)
+            for b, xb in x_pruned.batches():
+                eb = flat_tokens(mid_dense.read(b) - xb) - linear_bias(o)
                 with hooks([(o, lambda m, i, out: acc.add_heads(flat_tokens(i[0]), m.weight, eb, hd))]):
                     run_layer(layer, xb, kw, bs)
             st = acc.unit_stats_heads()
@@ -184,12 +212,13 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
                     fold_column_scales(adapter.o_proj(layer), sol.scales, group=hd)
                 entry["heads_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
                                        "err_before": sol.error_before, "err_after": sol.error_after}
+        if mid_dense is not None:
+            mid_dense.close()
         # -- FFN channels
         if tgt.channels:
             down = adapter.ffn_out(layer)
             acc = GramAccumulator(adapter.intermediate_size(layer))
-            for b in range(0, x_pruned.shape[0], bs):
-                xb = x_pruned[b:b + bs]
+            for b, xb in x_pruned.batches():
                 cap: dict[str, torch.Tensor] = {}
 
                 def grab(m, i, out):
@@ -197,8 +226,9 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
 
                 with hooks([(down, grab)]):
                     yb = run_layer(layer, xb, kw, bs)
-                eb = flat_tokens(y_dense[b:b + bs] - yb) + cap["f"] - linear_bias(down)
+                eb = flat_tokens(y_dense.read(b) - yb) + cap["f"] - linear_bias(down)
                 acc.add_channels(cap["h"], down.weight, eb)
+                del cap, yb, eb
             st = acc.unit_stats_channels(down.weight)
             drop = set(removal_order(opts.neuron_metric, st, tgt.channels, opts.damp))
             keep = [c for c in range(acc.k) if c not in drop]
@@ -211,10 +241,14 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
                     fold_column_scales(adapter.ffn_out(layer), sol.scales)
                 entry["ffn_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
                                      "err_before": sol.error_before, "err_after": sol.error_after}
-        run_layer(layer, x_pruned, kw, bs, out=x_pruned)
-        del mid_dense
+        for b, xb in x_pruned.batches():
+            x_pruned.write(b, run_layer(layer, xb, kw, bs))
         report.append(entry)
         kept_pos += 1
+        release_free_memory()  # this layer's temporaries must not add to the next layer's peak
+    x_dense.close()
+    x_pruned.close()
+    release_free_memory()
     return {"layers": report}
 
 
@@ -225,7 +259,7 @@ def _select_layers(adapter: DecoderAdapter, ids: torch.Tensor, n_layers: int, op
         raise ValueError(f"cannot remove {n_layers} of {adapter.num_layers} layers")
     if opts.layer_metric == "sleb":
         return sleb_removal(adapter, ids, n_layers, opts.batch_size), None
-    bi = block_influence_scores(adapter, ids, opts.batch_size)
+    bi = block_influence_scores(adapter, ids, opts.batch_size, opts.offload, opts.scratch_dir)
     return sorted(int(i) for i in torch.argsort(torch.tensor(bi))[:n_layers]), bi
 
 
@@ -250,7 +284,7 @@ def comp_prune(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: C
         n_layers = min(layers_for_params(adapter, float(opts.layer_fraction) * budget), adapter.num_layers - 1)
     removed, bi = _select_layers(adapter, ids, n_layers, opts)
     if opts.allocation_strength > 0 and bi is None:
-        bi = block_influence_scores(adapter, ids, opts.batch_size)
+        bi = block_influence_scores(adapter, ids, opts.batch_size, opts.offload, opts.scratch_dir)
     dense_layers = list(adapter.layers)
     layer_params = sum(module_params(adapter.layers[i]) for i in removed)
     kept = [i for i in range(adapter.num_layers) if i not in removed]
