@@ -43,11 +43,11 @@ METHODS = ["fedpruner", "depth_truncation", "fedra", "fedpruner_plus", "fedit_fu
 MEMORY_AWARE_BASELINES = ["depth_truncation", "fedra"]  # use every device the budget allows
 ZS_TASKS = ["boolq", "piqa", "winogrande", "arc_easy"]  # 4 of the 7 headline tasks (short contexts: CPU time)
 CLASSES = ["budget-25", "budget-40", "budget-55", "budget-75", "budget-100"]
-COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=2", "train.grad_accum=1",
-          "train.seq_len=256", "train.lr=0.001", "federation.rounds=2", "federation.clients_per_round=3",
-          "federation.dropout=false", "eval.every=2", "eval.loss_examples=0", "eval.rouge_examples=0"]
+COMMON = ["data.num_clients=15", "data.max_examples_per_client=48", "train.local_steps=4", "train.grad_accum=1",
+          "train.seq_len=256", "train.lr=0.001", "federation.rounds=8", "federation.clients_per_round=5",
+          "federation.dropout=false", "eval.every=8", "eval.loss_examples=0", "eval.rouge_examples=0"]
 # evaluated once after the last round (and once for the base model), not inside every run
-FINAL_EVAL = {"loss_examples": 16, "rouge_examples": 2, "max_new_tokens": 16}
+FINAL_EVAL = {"loss_examples": 48, "rouge_examples": 4, "max_new_tokens": 16}
 EXTRA = {"hetlora_full": ["federation.ranks=[4,8]"]}
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 FULL_LOGITS_ROW = "budget-100 full-logits"  # reference row: full-model training with the full-logits loss
@@ -92,13 +92,14 @@ def shortcuts(args, res: dict | None = None) -> str:
     note = (" " + EARLIER_ACCURACY.format(names=", ".join(old))) if old else ""
     note += memory_note(res or {})
     return (
-        "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32) on 2 CPU cores shared with three other jobs; "
+        "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32), one thread on a 2-core CPU shared with one or two other "
+        "benchmark processes (wall times are contended); "
         "15 devices (3 per memory class), Dirichlet(0.5) over Dolly categories, <= 48 records per device; "
-        "2 rounds x 3 sampled devices (devices whose budget holds nothing are left out of that round), 2 local "
+        "8 rounds x 5 sampled devices (devices whose budget holds nothing are left out of that round), 4 local "
         "steps of 1 example (<= 256 tokens), lr 1e-3, LoRA r=8 (HetLoRA: r=4/8 by budget) on all seven projections; "
         "no client dropout; one seed; FedPruner statistics on 128 tokens of 2 local examples per device and round, temperature 0.5. "
-        f"Held-out loss on 16 of the 80 test records (2 per category), Rouge-L on 2 records x 16 greedy tokens (far too "
-        "few to rank methods); "
+        f"Held-out loss on {FINAL_EVAL['loss_examples']} of the 80 test records (spread over categories), Rouge-L on "
+        f"{FINAL_EVAL['rouge_examples']} records x {FINAL_EVAL['max_new_tokens']} greedy tokens (far too few to rank methods); "
         f"zero-shot average over {len(ZS_TASKS)} tasks at --limit {args.zs_limit} examples each (standard error "
         f"~{100 * (0.25 / args.zs_limit) ** 0.5:.0f} points per task: differences below that are noise). "
         "Peak memory: one subprocess per class, 3 training steps on 256 random tokens, RSS high-water mark above the "
@@ -509,7 +510,7 @@ def run_base(res: dict, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help="parts: memory, base, and method names")
-    ap.add_argument("--zs-limit", type=int, default=10, help="examples per zero-shot task")
+    ap.add_argument("--zs-limit", type=int, default=40, help="examples per zero-shot task")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
