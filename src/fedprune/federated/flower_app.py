@@ -8,7 +8,8 @@ rank, layer subset, unit masks), built by ``Strategy.configure_train``, and the 
 through ``Strategy.aggregate_train``.
 
 Protocol (one run):
-1. ``query`` to every node: it answers its ``partition-id`` (node config) and data size.
+1. ``query`` to every node: it answers its ``partition-id`` (node config), data size and memory
+   budget (node config ``memory-gb``, else its class in ``federation.fleet``).
 2. per round, ``train`` to each selected node. Content: ``config`` (ConfigRecord: the resolved
    fedprune config as JSON, cid, round, rank, seed, layers), ``lora`` (ArrayRecord),
    ``unit_masks`` (ArrayRecord, ``head.{layer}`` / ``channel.{layer}``), ``base_delta``
@@ -132,8 +133,23 @@ def _partition_id(context: Context) -> int:
 def client_query(msg: Message, context: Context) -> Message:
     rt = _ClientRuntime.get(str(msg.content["config"]["fedprune-config"]))
     pid = _partition_id(context)
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid,
-                                                        "num-examples": len(rt.partitions[pid])})}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-examples": len(rt.partitions[pid]),
+                                                        "memory-bytes": _memory_budget(context, rt.cfg, pid)})}),
+                   reply_to=msg)
+
+
+def _memory_budget(context: Context, cfg: FederatedConfig, pid: int) -> int:
+    """The memory budget this device declares: node config ``memory-gb`` when the SuperNode was
+    started with one, else its device class in ``federation.fleet`` (memory-aware strategies plan with it)."""
+    from .devices import parse_fleet
+
+    if "memory-gb" in context.node_config:
+        gb = float(context.node_config["memory-gb"])
+        if gb <= 0:
+            raise ValueError(f"node config memory-gb must be positive, got {gb}")
+        return int(gb * 2**30)
+    fleet = parse_fleet(cfg.federation.fleet)
+    return fleet[pid].memory_bytes if pid < len(fleet) else 0
 
 
 @client_app.train()
@@ -209,7 +225,8 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
         if pid in node_of:
             raise RuntimeError(f"two SuperNodes claim partition-id {pid}; give each a distinct one")
         node_of[pid] = rep.metadata.src_node_id
-        infos.append(ClientInfo(pid, int(rep.content["metrics"]["num-examples"])))
+        mem = int(rep.content["metrics"].get("memory-bytes", 0)) or None
+        infos.append(ClientInfo(pid, int(rep.content["metrics"]["num-examples"]), mem))
     infos.sort(key=lambda c: c.cid)
 
     def evaluate() -> dict:
