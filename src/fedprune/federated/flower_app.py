@@ -148,8 +148,7 @@ def _memory_budget(context: Context, cfg: FederatedConfig, pid: int) -> int:
         if gb <= 0:
             raise ValueError(f"node config memory-gb must be positive, got {gb}")
         return int(gb * 2**30)
-    fleet = parse_fleet(cfg.federation.fleet)
-    return fleet[pid].memory_bytes if pid < len(fleet) else 0
+    return parse_fleet(cfg.federation.fleet)[pid].memory_bytes  # the config holds a class per partition
 
 
 @client_app.train()

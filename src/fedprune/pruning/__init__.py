@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from ..adapters import get_adapter
+from .activations import release_free_memory
 from ..registry import Registry
 from .budget import check_ratio
 
@@ -62,9 +63,6 @@ def _register_builtin() -> None:
 def available_methods() -> list[str]:
     _register_builtin()
     return PRUNERS.names()
-
-
-from .activations import release_free_memory  # noqa: E402
 
 
 def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:

@@ -101,23 +101,21 @@ def _batch_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 8,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply one decoder layer to ``hidden`` ``[N, L, d]`` in batches; returns ``[N, L, d]``.
-
-    ``out`` (which may be ``hidden`` itself: samples are independent) receives the result
-    without allocating a second ``N x L x d`` buffer.
-    """
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 8) -> torch.Tensor:
+    """Apply one decoder layer to ``hidden`` ``[N, L, d]`` in batches; returns ``[N, L, d]``."""
     outs = []
     for i in range(0, hidden.shape[0], batch_size):
         x = hidden[i:i + batch_size]
         y = layer(x, **_batch_kwargs(kwargs, x.shape[0]))
-        y = y[0] if isinstance(y, tuple) else y
-        if out is not None:
-            out[i:i + batch_size] = y
-        else:
-            outs.append(y)
-    return out if out is not None else torch.cat(outs)
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def advance_stream(layer: nn.Module, stream: HiddenStream, kwargs: dict[str, Any]) -> None:
+    """Replace every batch of ``stream`` by ``layer``'s output on it (samples are independent)."""
+    for b, xb in stream.batches():
+        stream.write(b, run_layer(layer, xb, kwargs, stream.batch_size))
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from ..budget import LayerTarget, check_ratio, layers_for_params, module_params,
 from ..criteria.layer import block_influence
 from ..criteria.neuron import NEURON_CRITERIA, removal_order
 from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
-from ..layerwise import capture_layer0_stream, final_logits_nll, hooks, run_layer
+from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll, hooks, run_layer
 from ..selection import choose_heads, heads_removed
 from ..mask_tuning import fold_column_scales, solve_mask
 from ..stats import GramAccumulator, flat_tokens, linear_bias
@@ -172,8 +172,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
     kept_pos = 0
     for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
         if orig_i in removed_layers:
-            for b, xb in x_dense.batches():  # the dense stream still passes through it
-                x_dense.write(b, run_layer(dense_layer, xb, kw, bs))
+            advance_stream(dense_layer, x_dense, kw)  # the dense stream still passes through it
             continue
         layer = dense_layer  # the same module: kept layers are pruned in place
         tgt = targets[kept_pos]
@@ -241,8 +240,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
                     fold_column_scales(adapter.ffn_out(layer), sol.scales)
                 entry["ffn_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
                                      "err_before": sol.error_before, "err_after": sol.error_after}
-        for b, xb in x_pruned.batches():
-            x_pruned.write(b, run_layer(layer, xb, kw, bs))
+        advance_stream(layer, x_pruned, kw)
         report.append(entry)
         kept_pos += 1
         release_free_memory()  # this layer's temporaries must not add to the next layer's peak
