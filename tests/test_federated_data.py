@@ -1,11 +1,12 @@
 """Dolly partitions, prompt formatting, completion-only labels, device fleets and the cost model."""
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from fedprune.federated.cost import payload_bytes, train_flops
-from fedprune.federated.devices import DEVICE_PROFILES, parse_fleet, simulated_time
+from fedprune.federated.devices import DEVICE_PROFILES, device_link_mbit, parse_fleet, simulated_time
 from fedprune.federated.partition import (
     IGNORE_INDEX, build_partitions, collate, dirichlet_partition, format_prompt, iid_partition, load_test_set,
     tokenize_example,
@@ -95,7 +96,21 @@ def test_train_flops_and_simulated_time():
     assert t["comm_s"] == 0 and t["compute_s"] == t["total_s"]
     assert 5 < t["total_s"] < 20  # 10 s times a log-normal jitter with sigma 0.1
     assert t == simulated_time(tx2, tx2.train_flops_per_s * 10, 0, seed=0, round_idx=1, client=0)
-    lo = simulated_time(tx2, 0, 10**6, 0, 1, 0)
+    lo = simulated_time(tx2, 0, 10**6, 0, 1, 0, links="round")
     assert 5 <= lo["bandwidth_mbit"] <= 100 and lo["compute_s"] == 0
     jitter = lo["comm_s"] / (10**6 / (lo["bandwidth_mbit"] * 1e6 / 8))
     assert 0.5 < jitter < 2.0
+
+
+def test_device_links_persist_across_rounds_and_round_links_do_not():
+    tx2 = DEVICE_PROFILES.get("tx2")
+    own = [device_link_mbit(tx2, seed=0, client=c) for c in range(40)]
+    assert all(5 <= b <= 100 for b in own) and max(own) - min(own) > 30  # devices differ
+    for c in (0, 1):
+        bw = [simulated_time(tx2, 0, 10**6, 0, r, c)["bandwidth_mbit"] for r in range(1, 200)]
+        # round to round the link fluctuates around the device's own bandwidth (log-normal, sigma 0.3)
+        assert abs(np.median(bw) / own[c] - 1) < 0.1
+    fresh = [simulated_time(tx2, 0, 10**6, 0, r, 0, links="round")["bandwidth_mbit"] for r in range(1, 200)]
+    assert np.std(fresh) > 20  # uniform 5..100 every round
+    with pytest.raises(ValueError, match="link model"):
+        simulated_time(tx2, 0, 1, 0, 1, 0, links="wifi")

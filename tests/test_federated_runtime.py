@@ -191,3 +191,5 @@ def test_config_errors_are_actionable():
         load_config(None, ["rounds=3"])
     with pytest.raises(ValueError, match="unknown key"):
         load_config(None, ["train.steps=3"])
+    with pytest.raises(ValueError, match="federation.links must be one of device, round"):
+        load_config(None, ["federation.links=wifi"])

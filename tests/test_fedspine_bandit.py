@@ -140,3 +140,17 @@ def test_reward_is_bounded_monotone_and_time_aware():
         assert 0.0 <= fedspine_reward(*args) <= 1.0
     with pytest.raises(ValueError):
         fedspine_reward(2.0, 1.0, 1.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("after", [1.8, 2.6, 5.0])  # a gain, mild pruning damage, heavy damage
+def test_reward_rises_with_speed_and_progress_whatever_the_sign_of_the_gain(after):
+    r = lambda prog, t: fedspine_reward(2.0, after, prog, t, 10.0)  # noqa: E731
+    assert r(1.0, 2.0) > r(1.0, 8.0)  # faster is better, also when the loss rose
+    assert r(1.0, 5.0) > r(0.3, 5.0)  # further pruned is better for the same loss change
+    assert (r(1.0, 5.0) > 0.5) == (after < 2.0)
+
+
+def test_reward_separates_pruning_damage_of_different_size():
+    # pruning makes the loss rise within a round; the bandit must still tell mild from heavy damage
+    mild, heavy = fedspine_reward(2.0, 2.6, 1.0, 10.0, 10.0), fedspine_reward(2.0, 5.0, 1.0, 10.0, 10.0)
+    assert mild - heavy > 0.05 and heavy > 1e-3

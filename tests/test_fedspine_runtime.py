@@ -185,3 +185,27 @@ def test_cli_end_to_end_two_rounds(tokenizer, tmp_path):
         m = load_model(str(out / "fedspine" / info["path"]))
         assert sum(p.numel() for p in m.parameters()) == info["params"]
         assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+def test_cold_devices_start_from_the_fleet_bandit_and_resume_exactly(tokenizer, tmp_path):
+    more = ["data.num_clients=4", "federation.rounds=4"]  # 12 pulls over 4 devices: each is seen again
+
+    def sim(run_dir):
+        s = make_sim(tokenizer, run_dir, more)
+        s.strategy.export, s.strategy.fleet_warmup = "none", 2
+        return s
+
+    a = sim(tmp_path / "a")
+    a.run()
+    meta = a.global_.meta
+    seen: dict = {}
+    for t in meta["trace"]:  # a device's first two configurations come from the fleet, later ones from its own bandit
+        assert t["chosen_by"] == ("fleet" if seen.get(t["device"], 0) < 2 else "device"), t
+        seen[t["device"]] = seen.get(t["device"], 0) + 1
+    assert max(seen.values()) > 2 and meta["fleet_bandit"]["t"] == len(meta["trace"]) == 12
+    assert all(meta["bandits"][str(d)]["t"] == n for d, n in seen.items())  # every reward reached its device too
+    b = sim(tmp_path / "b")
+    b.run(stop_after=2)
+    c = sim(tmp_path / "b")
+    c.run(resume=True)
+    assert c.global_.meta["trace"] == meta["trace"] and c.global_.meta["fleet_bandit"] == meta["fleet_bandit"]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import yaml
 
 from .client import TrainSettings
-from .devices import parse_fleet
+from .devices import LINK_MODELS, parse_fleet
 from .evaluation import EvalSettings
 from .lora import LoraSettings
 
@@ -69,6 +69,9 @@ class FederationSettings:
     """LoRA rank per client, cycled by client id (empty = lora.rank for everyone)"""
     fleet: str = "tx2:3,xavier-nx:4,agx-xavier:3"
     """device classes NAME:COUNT (client id = position); must cover data.num_clients"""
+    links: str = "device"
+    """link model of the simulated fleet: device (each device keeps its own link, fluctuating per
+    round) or round (a fresh bandwidth every round); see federated.devices"""
     deadline_s: float = 0.0
     """round deadline in simulated seconds; slower clients are cut off (0 = none)"""
     dropout: bool = True
@@ -89,6 +92,8 @@ class FederationSettings:
         if any(int(r) < 1 for r in self.ranks):
             raise ValueError(f"federation.ranks must all be >= 1, got {self.ranks}")
         parse_fleet(self.fleet)
+        if self.links not in LINK_MODELS:
+            raise ValueError(f"federation.links must be one of {', '.join(LINK_MODELS)}, got {self.links!r}")
         if self.deadline_s < 0 or self.max_update_norm <= 0:
             raise ValueError("federation.deadline_s must be >= 0 and max_update_norm > 0")
 

@@ -6,8 +6,16 @@ A simulation runs every client on the same machine, so heterogeneity is *modelle
     t_i = train_flops(submodel trained, tokens processed) / flops_i
           + (bytes_down_i + bytes_up_i) / bandwidth_i,   times a log-normal jitter,
 
-with ``bandwidth_i`` drawn per round from the profile's range. Strategies never see the
-profile, only the observed ``t_i`` (and the metrics clients report).
+where ``bandwidth_i`` depends on the link model (``federation.links``):
+
+- ``device`` (default): every device sits on its own link, drawn once from its profile's
+  range (``seed``, device id), and that link fluctuates from round to round by a log-normal
+  factor (``link_fluctuation``): a device on poor Wi-Fi stays on poor Wi-Fi, which is what a
+  per-device learner (FedSpine's bandits) can discover from observed times;
+- ``round``: a fresh bandwidth from the range every round (links carry no identity).
+
+Strategies never see the profile or the link, only the observed ``t_i`` (and the metrics
+clients report).
 
 Absolute FLOP/s are *effective training* throughput, not peak: the TX2 reference is set to
 0.25 TFLOP/s (about 20 % of its 1.3 TFLOP/s fp16 peak) and the others scale by the relative
@@ -33,6 +41,7 @@ class DeviceProfile:
     bandwidth_mbit: tuple[float, float] = (5.0, 100.0)  # link bandwidth range, Mbit/s
     dropout: float = 0.02  # probability the device silently fails a round
     jitter: float = 0.1  # sigma of the log-normal run-to-run multiplier
+    link_fluctuation: float = 0.3  # sigma of the log-normal round-to-round factor on a device's own link
 
     def __post_init__(self):
         if self.memory_gb <= 0 or self.rel_throughput <= 0:
@@ -40,6 +49,8 @@ class DeviceProfile:
         lo, hi = self.bandwidth_mbit
         if not 0 < lo <= hi:
             raise ValueError(f"device {self.name}: bandwidth range must satisfy 0 < low <= high, got {self.bandwidth_mbit}")
+        if self.jitter < 0 or self.link_fluctuation < 0:
+            raise ValueError(f"device {self.name}: jitter and link_fluctuation must be >= 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"device {self.name}: dropout must be in [0, 1), got {self.dropout}")
 
@@ -118,12 +129,28 @@ def draws_dropout(profile: DeviceProfile, seed: int, round_idx: int, client: int
     return round_rng(seed, round_idx, client, "dropout").random() < profile.dropout
 
 
+LINK_MODELS = ("device", "round")
+
+
+def device_link_mbit(profile: DeviceProfile, seed: int, client: int) -> float:
+    """The device's own link bandwidth (Mbit/s), fixed for a run (``links=device``)."""
+    lo, hi = profile.bandwidth_mbit
+    return random.Random(f"{seed}|link|{client}").uniform(lo, hi)
+
+
 def simulated_time(profile: DeviceProfile, flops: float, bytes_moved: int, seed: int, round_idx: int,
-                   client: int) -> dict[str, float]:
+                   client: int, links: str = "device") -> dict[str, float]:
     """Simulated seconds for one device's round: compute + communication, times jitter."""
     rng = round_rng(seed, round_idx, client, "time")
-    lo, hi = profile.bandwidth_mbit
-    bandwidth = rng.uniform(lo, hi) * MBIT
+    if links == "device":
+        fluct = profile.link_fluctuation
+        bandwidth = device_link_mbit(profile, seed, client) * MBIT
+        bandwidth *= math.exp(rng.gauss(0.0, fluct)) if fluct > 0 else 1.0
+    elif links == "round":
+        lo, hi = profile.bandwidth_mbit
+        bandwidth = rng.uniform(lo, hi) * MBIT
+    else:
+        raise ValueError(f"unknown link model {links!r}; known: {', '.join(LINK_MODELS)}")
     jitter = math.exp(rng.gauss(0.0, profile.jitter)) if profile.jitter > 0 else 1.0
     compute_s = flops / profile.train_flops_per_s
     comm_s = bytes_moved / bandwidth

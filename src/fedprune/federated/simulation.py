@@ -216,7 +216,7 @@ class Simulation:
             if self.tamper is not None:
                 res = self.tamper(res)
             up = res.upload_bytes()
-            sim = simulated_time(prof, res.metrics["train_flops"], down + up, self.seed, r, task.cid)
+            sim = simulated_time(prof, res.metrics["train_flops"], down + up, self.seed, r, task.cid, fed.links)
             res.metrics["time_s"] = sim["total_s"]
             rec.update(sim_time_s=sim["total_s"], compute_s=sim["compute_s"], comm_s=sim["comm_s"],
                        bytes_down=down, bytes_up=up, wall_s=res.metrics["wall_s"],

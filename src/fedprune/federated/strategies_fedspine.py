@@ -52,6 +52,13 @@ class FedSpine(LoraStrategy):
         reward: name in ``fedspine.reward.REWARDS``; ``reward_kwargs`` go to it. The pruning
             progress it gets is ``sparsity / p_max`` (how far the device is along the range).
         chooser_kwargs: extra arguments of the chooser (``c``, ``lipschitz``, ...).
+        fleet_warmup: pulls a device's own bandit needs before it decides (default 0: it decides
+            from its first pull). Until then the device's configuration comes from one fleet-wide
+            bandit of the same kind that every reward also feeds, so a device seen for the first
+            time starts from what the fleet has learnt instead of from blind exploration (its own
+            bandit still records every reward and takes over after ``fleet_warmup`` pulls). With
+            80 devices and a few selected per round, a device is picked a handful of times per
+            run, too few for its own bandit alone. No device profile is read either way.
         momentum: importance moving-average momentum on the device (0.9).
         export: ``class`` (one deployable model per device class), ``all``, or ``none``.
         global_ratio: sparsity of the exported global pruned model (default: the fleet's
@@ -63,7 +70,8 @@ class FedSpine(LoraStrategy):
     def __init__(self, lora, ranks=None, chooser: str = "s-ucb", p_range: Sequence[float] = (0.1, 0.6),
                  p_grid: Sequence[float] | None = None, interval: int = 20, reconcile: str = "flexlora",
                  reward: str = "fedspine", reward_kwargs: dict | None = None, chooser_kwargs: dict | None = None,
-                 momentum: float = 0.9, export: str = "class", global_ratio: float | None = None):
+                 momentum: float = 0.9, export: str = "class", global_ratio: float | None = None,
+                 fleet_warmup: int = 0):
         from ..fedspine.aggregate import RECONCILE
         from ..fedspine.bandit import CHOOSERS
         from ..fedspine.reward import REWARDS
@@ -93,6 +101,9 @@ class FedSpine(LoraStrategy):
         if global_ratio is not None and not 0 <= global_ratio < 1:
             raise ValueError(f"fedspine global_ratio must lie in [0, 1), got {global_ratio}")
         self.global_ratio = global_ratio
+        if fleet_warmup < 0:
+            raise ValueError(f"fedspine fleet_warmup must be >= 0, got {fleet_warmup}")
+        self.fleet_warmup = int(fleet_warmup)
 
     # ---- the device program ------------------------------------------------------------
     @property
@@ -114,6 +125,15 @@ class FedSpine(LoraStrategy):
     def _chooser(self, global_: GlobalModel, cid: int, seed: int):
         ch = self._new_chooser(cid, seed)
         st = global_.meta.get("bandits", {}).get(str(cid))
+        if st is not None:
+            ch.load_state_dict(st)
+        return ch
+
+    FLEET = -1  # the fleet-wide bandit's id (never a device id)
+
+    def _fleet_chooser(self, global_: GlobalModel, seed: int):
+        ch = self._new_chooser(self.FLEET, seed)
+        st = global_.meta.get("fleet_bandit")
         if st is not None:
             ch.load_state_dict(st)
         return ch
@@ -147,10 +167,15 @@ class FedSpine(LoraStrategy):
         tasks = []
         for c in clients:
             ch = self._chooser(global_, c.cid, seed)
-            arm = ch.select()
+            if self.fleet_warmup and ch.t < self.fleet_warmup:  # a cold device: the fleet decides
+                fleet = self._fleet_chooser(global_, seed)
+                arm, source = fleet.select(), "fleet"
+                meta["fleet_bandit"] = fleet.state_dict()
+            else:
+                arm, source = ch.select(), "device"
+                meta["bandits"][str(c.cid)] = ch.state_dict()  # the RNG moved
             assert isinstance(arm, Arm)
-            meta["bandits"][str(c.cid)] = ch.state_dict()  # the RNG moved
-            meta["pending"][str(c.cid)] = {"round": round_idx, **arm.to_dict()}
+            meta["pending"][str(c.cid)] = {"round": round_idx, "source": source, **arm.to_dict()}
             extra = {"ratio": float(arm.p), "interval": self.interval, "momentum": self.momentum,
                      "row_masks": meta["masks"].get(str(c.cid))}
             tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed, svd),
@@ -183,10 +208,15 @@ class FedSpine(LoraStrategy):
             ch = self._chooser(GlobalModel(meta=meta), r.cid, 0)
             ch.update(arm, reward)
             meta["bandits"][key] = ch.state_dict()
+            if self.fleet_warmup:  # every reward also teaches the fleet-wide bandit
+                fleet = self._fleet_chooser(GlobalModel(meta=meta), 0)
+                fleet.update(arm, reward)
+                meta["fleet_bandit"] = fleet.state_dict()
             meta["masks"][key] = {k: {int(d): m.clone() for d, m in v.items()} for k, v in r.masks.items()}
             meta["sparsity"][key] = float(r.metrics.get("sparsity", 0.0))
             meta["rounds"][key] = int(meta["rounds"].get(key, 0)) + 1
             meta["trace"].append({"device": r.cid, "round": round_idx, "ratio": arm.p, "rank": arm.r,
+                                  "chosen_by": pend.get("source", "device"),
                                   "reward": reward, "sparsity": meta["sparsity"][key],
                                   "time_s": r.metrics.get("time_s"), "loss_before": r.metrics["loss_before"],
                                   "loss_after": r.metrics["loss_after"]})

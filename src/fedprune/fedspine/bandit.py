@@ -4,7 +4,7 @@ One chooser per device. All share a small interface (``ConfigChooser``):
 
 - ``select() -> Arm``: the next configuration; an ``Arm`` unpacks as ``p, r = arm``;
 - ``update(arm, reward)``: feed back the reward observed for that arm (rewards in [0, 1],
-  see ``fedspine.reward``); feedback may arrive late or out of order;
+  see ``fedspine.reward``); feedback may arrive late or out of order; ``t`` counts them;
 - ``state_dict()`` / ``load_state_dict()``: JSON-serialisable checkpoints, RNG included.
 
 Choosers:
@@ -62,6 +62,8 @@ class Arm:
 
 @runtime_checkable
 class ConfigChooser(Protocol):
+    t: int  # rewards received so far
+
     def select(self) -> Arm: ...
 
     def update(self, arm: Arm | tuple[float, int], reward: float) -> None: ...

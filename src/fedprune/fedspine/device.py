@@ -14,8 +14,10 @@ One round on device ``k`` (``train_fedspine_client``, a drop-in for
    Masks only ever grow (a pruned unit never comes back); if ``p`` is below the current
    sparsity nothing is pruned this round;
 4. return the LoRA compacted to the kept rows/columns, the row/column masks, and metrics
-   the server may see: losses, sparsity reached, pruning progress, FLOPs (step-weighted
-   over the masks actually in force, plus the importance computation).
+   the server may see: losses (``loss_before``/``loss_after``: one fixed local batch
+   evaluated before and after the round, what the bandit's reward reads), sparsity
+   reached, pruning progress, FLOPs (step-weighted over the masks actually in force, plus
+   the importance computation and the two probe forwards).
 
 Sparsity = fraction of the attention + FFN matmul parameters removed (the budget
 ``fedspine.masks.layer_keep_masks`` works with).
@@ -93,6 +95,16 @@ def _importance_flops(base, keys: Sequence[str], rank: int) -> float:
     return float(sum(4 * 2 * base.shapes[k][0] * base.shapes[k][1] * rank for k in keys))
 
 
+def _probe_loss(base, batch, settings: TrainSettings, handle) -> tuple[float, float]:
+    """(loss, forward FLOPs) of ``batch`` on the masked model in eval mode, without gradients."""
+    base.model.eval()
+    with torch.no_grad():
+        loss = float(training_loss(base, batch, settings))
+    hf = {i: float(m.float().mean()) for i, m in handle.head_masks.items()}
+    cf = {i: float(m.float().mean()) for i, m in handle.channel_masks.items()}
+    return loss, train_flops(base.params_through(None, hf, cf), int(batch["attention_mask"].sum())) / 3.0
+
+
 # ---- the device round ------------------------------------------------------------------------------
 def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], settings: TrainSettings, seed: int,
                           pad_id: int, device_state: Mapping | None = None) -> tuple[ClientResult, dict]:
@@ -136,10 +148,12 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     imp_flops = _importance_flops(base, keys, task.rank)
 
     batches = sample_batches(examples, steps, settings.grad_accum, settings.batch_size, seed)
-    base.model.train()
+    probe = collate(batches[0], pad_id)  # the reward's loss before/after: one fixed batch, same mode
     losses, tokens, flops, prune_log = [], 0, 0.0, []
     handle = apply_masks(base.model, hm, cm)
     try:
+        probe_before, probe_flops = _probe_loss(base, probe, settings, handle)
+        base.model.train()
         for s in range(steps):
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
@@ -170,6 +184,8 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
                     handle.head_masks[i] = new_h[i]
                     handle.channel_masks[i] = new_c[i]
                 prune_log.append(ratio)
+        probe_after, f_after = _probe_loss(base, probe, settings, handle)
+        flops += probe_flops + f_after
         hm, cm = dict(handle.head_masks), dict(handle.channel_masks)
     finally:
         handle.remove()
@@ -183,7 +199,9 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     metrics = {
         "train_loss_first": losses[0], "train_loss_last": losses[-1],
         "train_loss_mean": sum(losses) / len(losses), "tokens": tokens, "steps": steps,
-        "loss_before": losses[0], "loss_after": sum(tail) / len(tail),
+        # the same batch before training (incoming LoRA and masks) and after (final LoRA and masks):
+        # pruning damage and recovery both show, batch-to-batch noise does not
+        "loss_before": probe_before, "loss_after": probe_after, "train_loss_tail": sum(tail) / len(tail),
         "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target,
         "prune_steps": len(prune_log), "trainable_params": trainable,
         "params_through": base.params_through(None, {i: float(m.float().mean()) for i, m in hm.items()},
