@@ -54,6 +54,9 @@ def small_budget(overrides: list[str]) -> str:
 
 @pytest.mark.parametrize("strategy,ranks,extra", [
     ("hetlora", "[2,4]", []),
+    # FedSpine: each device prunes while tuning, keeps its importance averages on the node between
+    # rounds; the server runs one bandit per device and writes the trace and deployable models
+    ("fedspine", "[2,4]", ["config=fedspine.yaml", "train.local_steps=4"]),
     # FedPruner: each device plans its layers on its own data (CKA groups, importance draw)
     # (budget of device 0: its declared memory holds 2 of the 4 layers; see small_budget)
     ("fedpruner", "[]", ["federation.fleet=tx2@{small}:1,agx-xavier:1", "lora.target_modules=[q_proj,v_proj,up_proj]"]),
@@ -66,6 +69,9 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks, extra):
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    config_file = next((str(ROOT / "configs" / "federated" / e.split("=", 1)[1]) for e in extra
+                        if e.startswith("config=")), "")
+    extra = [e for e in extra if not e.startswith("config=")]
     overrides = OVERRIDES + [f"federation.strategy={strategy}", f"federation.ranks={ranks}"]
     if any("{small}" in e for e in extra):
         extra = [e.replace("{small}", small_budget(overrides + extra)) for e in extra]
@@ -87,7 +93,7 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks, extra):
             start(f"supernode{pid}", [str(bindir / "flower-supernode"), "--insecure", "--superlink",
                                       f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
                                       "--node-config", f"partition-id={pid} num-partitions=2"])
-        run_config = (f'config-file="" overrides="{" ".join(overrides)}" run-dir="{run_dir}"')
+        run_config = (f'config-file="{config_file}" overrides="{" ".join(overrides)}" run-dir="{run_dir}"')
         out = subprocess.run([str(bindir / "flwr"), "run", str(APP), "loopback", "--stream", "--run-config", run_config],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         final = run_dir / "final_global.pt"
@@ -108,7 +114,7 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks, extra):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sim = Simulation(load_config(None, overrides), tmp_path / "inproc")
+        sim = Simulation(load_config(config_file or None, overrides), tmp_path / "inproc")
         sim.run()
     finally:
         torch.set_num_threads(n)
@@ -116,7 +122,18 @@ def test_flower_deployment_matches_in_process(tmp_path, strategy, ranks, extra):
     assert sorted(flower["tensors"]) == sorted(sim.global_.tensors)
     for k, v in sim.global_.tensors.items():
         assert torch.allclose(flower["tensors"][k], v, atol=1e-6), k
-    assert any(v.abs().sum() > 0 for k, v in flower["tensors"].items() if k.endswith("lora_B"))
+    # something was learnt: a LoRA B (zero at start), or FlexLoRA's full-space product
+    assert any(v.abs().sum() > 0 for k, v in flower["tensors"].items() if not k.endswith("lora_A"))
+    if strategy == "fedspine":  # same pruning masks on both runtimes, and the outputs a user expects
+        fm, sm = flower["meta"]["masks"], sim.global_.meta["masks"]
+        assert sorted(fm) == sorted(sm) and any(
+            not v.all() for d in sm.values() for dims in d.values() for v in dims.values())
+        for cid in sm:
+            for key, dims in sm[cid].items():
+                assert all(torch.equal(v, fm[cid][key][d]) for d, v in dims.items()), (cid, key)
+        assert [(t["device"], t["round"], t["rank"]) for t in flower["meta"]["trace"]] == [
+            (t["device"], t["round"], t["rank"]) for t in sim.global_.meta["trace"]]
+        assert (run_dir / "bandit_trace.jsonl").exists() and (run_dir / "fedspine" / "outputs.json").exists()
     if strategy == "fedpruner":  # the small device really trained a 2-layer submodel (in both runtimes)
         assert sorted(sim.global_.meta["layer_rounds_trained"]) != [4, 4, 4, 4]
         assert sum(sim.global_.meta["layer_rounds_trained"]) == 2 * (4 + 2)

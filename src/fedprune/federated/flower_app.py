@@ -13,8 +13,16 @@ Protocol (one run):
 2. per round, ``train`` to each selected node. Content: ``config`` (ConfigRecord: the resolved
    fedprune config as JSON, cid, round, rank, seed, layers), ``lora`` (ArrayRecord),
    ``unit_masks`` (ArrayRecord, ``head.{layer}`` / ``channel.{layer}``), ``base_delta``
-   (ArrayRecord; FLoRA's merged update, sent dense - a simplification). Reply: ``lora``
+   (ArrayRecord; FLoRA's merged update, sent dense - a simplification), ``extra.<key>``
+   (ArrayRecord: a mask dict of the strategy's per-task extras, e.g. FedSpine's persistent
+   masks; the rest of the extras travel as JSON in ``config``). Reply: ``lora``
    (compact), ``masks`` (``{key}|{dim}``), ``metrics`` (MetricRecord).
+
+A device keeps what it carries from one round to the next (AdamW moments when
+``train.keep_optimizer_state``, FedSpine's importance averages) in its node's run state
+(``context.state``), as the simulator keeps it per client. After the last round the server
+writes ``final_global.pt`` and runs the strategy's ``finalize`` (FedSpine: the bandit trace,
+the global pruned model and the deployable per-class models).
 
 Run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``config-file`` (a
 fedprune YAML), ``overrides`` (space-separated ``section.key=value``), ``run-dir`` (where
@@ -22,11 +30,13 @@ the server writes metrics.jsonl, clients.jsonl and ``final_global.pt``).
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shlex
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -36,6 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 from .. import atomic
 from .client import ClientResult, ClientTask, train_client
 from .config import FederatedConfig, load_config
+from .devices import parse_fleet
 from .strategies import ClientInfo, make_strategy
 from .validation import update_problem
 
@@ -76,6 +87,18 @@ def _nested_masks(flat: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.Te
         key, d = k.rsplit("|", 1)
         out.setdefault(key, {})[int(d)] = m.bool()
     return out
+
+
+def _is_mask_dict(v) -> bool:
+    return isinstance(v, dict) and bool(v) and all(
+        isinstance(d, dict) and all(isinstance(m, torch.Tensor) for m in d.values()) for d in v.values())
+
+
+def _split_extra(extra: dict) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """A task's ``extra``: the JSON part and the mask dicts (FedSpine's ``row_masks``), which
+    travel as ArrayRecords named ``extra.<key>``."""
+    masks = {k: _flat_masks(v) for k, v in extra.items() if _is_mask_dict(v)}
+    return {k: v for k, v in extra.items() if k not in masks}, masks
 
 
 # ---- client side ---------------------------------------------------------------------------------
@@ -141,7 +164,6 @@ def client_query(msg: Message, context: Context) -> Message:
 def _memory_budget(context: Context, cfg: FederatedConfig, pid: int) -> int:
     """The memory budget this device declares: node config ``memory-gb`` when the SuperNode was
     started with one, else its device class in ``federation.fleet`` (memory-aware strategies plan with it)."""
-    from .devices import parse_fleet
 
     if "memory-gb" in context.node_config:
         gb = float(context.node_config["memory-gb"])
@@ -149,6 +171,26 @@ def _memory_budget(context: Context, cfg: FederatedConfig, pid: int) -> int:
             raise ValueError(f"node config memory-gb must be positive, got {gb}")
         return int(gb * 2**30)
     return parse_fleet(cfg.federation.fleet)[pid].memory_bytes  # the config holds a class per partition
+
+
+DEVICE_STATE = "fedprune-device-state"
+
+
+def _device_state(context: Context) -> dict | None:
+    """What this device kept from its last round (AdamW moments, FedSpine's importance averages):
+    it stays on the device, in the node's run state, as the simulator keeps it per client."""
+    rec = context.state.config_records.get(DEVICE_STATE)
+    if rec is None:
+        return None
+    return torch.load(io.BytesIO(rec["torch"]), weights_only=False)
+
+
+def _store_device_state(context: Context, keep: dict | None) -> None:
+    if keep is None:
+        return
+    buf = io.BytesIO()
+    torch.save(keep, buf)
+    context.state[DEVICE_STATE] = ConfigRecord({"torch": buf.getvalue()})
 
 
 @client_app.train()
@@ -163,8 +205,13 @@ def client_train(msg: Message, context: Context) -> Message:
     task = ClientTask(cid, int(c["round"]), int(c["rank"]), _tensors(msg.content["lora"]), layers=layers,
                       head_masks=heads, channel_masks=chans, local_steps=int(c["local-steps"]) or None,
                       extra=json.loads(str(c.get("extra-json", "{}"))))
+    for name, rec in msg.content.array_records.items():
+        if name.startswith("extra."):
+            task.extra[name[len("extra."):]] = _nested_masks(_tensors(rec))
     rt.base.set_base_delta(_tensors(msg.content.array_records.get("base_delta")))
-    res, _ = rt.trainer(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]), rt.tokenizer.pad_token_id, None)
+    res, keep = rt.trainer(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]), rt.tokenizer.pad_token_id,
+                           _device_state(context))
+    _store_device_state(context, keep)
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update({"cid": cid, "round": task.round, "rank": task.rank, "num-examples": res.num_examples})
     content = RecordDict({"lora": _arrays(res.lora), "metrics": MetricRecord(metrics)})
@@ -245,12 +292,15 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
                     "seed": client_seed(fed.seed, r, cid), "local-steps": task.local_steps or 0}
             if task.layers is not None:
                 conf["layers"] = [int(i) for i in task.layers]
-            if task.extra:
+            extra, extra_masks = _split_extra(task.extra or {})
+            if extra:
                 try:
-                    conf["extra-json"] = json.dumps(task.extra)
+                    conf["extra-json"] = json.dumps(extra)
                 except TypeError as exc:
                     raise ValueError(f"task.extra of client {cid} must be JSON-serialisable for Flower: {exc}") from None
             content = RecordDict({"config": ConfigRecord(conf), "lora": _arrays(task.lora)})
+            for name, flat in extra_masks.items():
+                content[f"extra.{name}"] = _arrays(flat)
             if global_.base_delta:
                 content["base_delta"] = _arrays(global_.base_delta)
             um = _unit_masks(task)
@@ -291,11 +341,13 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
         atomic.append_jsonl(run_dir / "metrics.jsonl", m)
         log.info("round %d/%d: %d/%d clients ok, train loss %.4f", r, fed.rounds, len(accepted), len(tasks),
                  m["train_loss"])
-    import io
-
     buf = io.BytesIO()
     torch.save({"tensors": global_.tensors, "base_delta": global_.base_delta, "meta": global_.meta}, buf)
     atomic.write_bytes(run_dir / "final_global.pt", buf.getvalue())
+    finalize = getattr(strategy, "finalize", None)  # FedSpine: bandit trace, deployable pruned models
+    if finalize is not None:
+        finalize(SimpleNamespace(run_dir=run_dir, global_=global_, base=base, tokenizer=tok,
+                                 fleet=parse_fleet(fed.fleet)))
     return {"rounds": fed.rounds}
 
 
