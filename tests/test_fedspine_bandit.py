@@ -154,3 +154,20 @@ def test_reward_separates_pruning_damage_of_different_size():
     # pruning makes the loss rise within a round; the bandit must still tell mild from heavy damage
     mild, heavy = fedspine_reward(2.0, 2.6, 1.0, 10.0, 10.0), fedspine_reward(2.0, 5.0, 1.0, 10.0, 10.0)
     assert mild - heavy > 0.05 and heavy > 1e-3
+
+
+@pytest.mark.parametrize("name", ["s-ucb", "ucb1-grid"])
+def test_pending_pulls_spread_one_rounds_batch(name):
+    kw = dict(p_values=(0.1, 0.3, 0.5), r_values=(2, 8)) if name == "ucb1-grid" else dict(p_range=(0.1, 0.5), ranks=(2, 4, 8, 16))
+    ch = make_chooser(name, seed=0, **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(12):  # some history: best at low ratio and low rank
+        arm = ch.select()
+        ch.update(arm, 1 - arm.p - arm.r / 32 + 0.02 * rng.standard_normal())
+    where = (lambda a: ch._find(*ch.space.to_point(a))) if name == "s-ucb" else ch._nearest  # noqa: E731
+    alone = {where(ch.select()) for _ in range(8)}  # no pending: the same best cell every time
+    batch: list = []
+    for _ in range(8):
+        batch.append(ch.select(pending=batch))
+    assert len(alone) == 1 and len({where(a) for a in batch}) > 1
+    assert ch.t == 12  # pending pulls are not rewards

@@ -58,7 +58,9 @@ class FedSpine(LoraStrategy):
             time starts from what the fleet has learnt instead of from blind exploration (its own
             bandit still records every reward and takes over after ``fleet_warmup`` pulls). With
             80 devices and a few selected per round, a device is picked a handful of times per
-            run, too few for its own bandit alone. No device profile is read either way.
+            run, too few for its own bandit alone. No device profile is read either way. Within a
+            round the fleet bandit's earlier choices count as pending pulls (``select(pending=...)``),
+            so one round's cold devices spread over the promising configurations.
         momentum: importance moving-average momentum on the device (0.9).
         export: ``class`` (one deployable model per device class), ``all``, or ``none``.
         global_ratio: sparsity of the exported global pruned model (default: the fleet's
@@ -165,11 +167,13 @@ class FedSpine(LoraStrategy):
         # one SVD per module and round, shared by every client whatever its rank
         svd = svd_cache(global_.tensors) if self.reconcile == "flexlora" and meta.get("aggregated") else None
         tasks = []
+        fleet_pending: list[Arm] = []  # the fleet bandit's choices of this round, rewards still to come
         for c in clients:
             ch = self._chooser(global_, c.cid, seed)
             if self.fleet_warmup and ch.t < self.fleet_warmup:  # a cold device: the fleet decides
                 fleet = self._fleet_chooser(global_, seed)
-                arm, source = fleet.select(), "fleet"
+                arm, source = fleet.select(pending=fleet_pending), "fleet"
+                fleet_pending.append(arm)
                 meta["fleet_bandit"] = fleet.state_dict()
             else:
                 arm, source = ch.select(), "device"

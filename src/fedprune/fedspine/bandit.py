@@ -2,7 +2,11 @@
 
 One chooser per device. All share a small interface (``ConfigChooser``):
 
-- ``select() -> Arm``: the next configuration; an ``Arm`` unpacks as ``p, r = arm``;
+- ``select(pending=()) -> Arm``: the next configuration; an ``Arm`` unpacks as ``p, r = arm``.
+  ``pending`` are arms handed out whose rewards have not come back yet (a shared bandit
+  choosing for several devices of one round): each counts as a pull without a reward, so
+  its exploration bonus shrinks and a batch spreads over the promising cells instead of
+  sending every device to the same one (the mean is left alone, a "believer" batch UCB);
 - ``update(arm, reward)``: feed back the reward observed for that arm (rewards in [0, 1],
   see ``fedspine.reward``); feedback may arrive late or out of order; ``t`` counts them;
 - ``state_dict()`` / ``load_state_dict()``: JSON-serialisable checkpoints, RNG included.
@@ -64,7 +68,7 @@ class Arm:
 class ConfigChooser(Protocol):
     t: int  # rewards received so far
 
-    def select(self) -> Arm: ...
+    def select(self, pending: Sequence[Arm] = ()) -> Arm: ...
 
     def update(self, arm: Arm | tuple[float, int], reward: float) -> None: ...
 
@@ -200,15 +204,28 @@ class SmoothUCB:
                 self.cells.append(_Cell([i / gp, j / gr], [(i + 1) / gp, (j + 1) / gr], 0, []))
 
     # ---- index and choice -------------------------------------------------------
-    def index(self, cell: _Cell) -> float:
-        """``U(C) = mean + c sqrt(ln t / n) + L diam``; ``+inf`` for an unvisited cell."""
-        if cell.n == 0:
-            return math.inf
-        t = self.t + 1
-        return cell.mean + self.c * math.sqrt(math.log(t) / cell.n) + self.lipschitz * cell.diam()
+    def index(self, cell: _Cell, pending: int = 0, n_pending: int = 0) -> float:
+        """``U(C) = mean + c sqrt(ln t / n) + L diam``; ``+inf`` for an unvisited cell.
 
-    def select(self) -> Arm:
-        idx = np.array([self.index(cell) for cell in self.cells])
+        ``pending``: pulls of this cell awaiting their reward (they count in ``n``; an unvisited
+        cell with pending pulls takes the mean of all rewards so far); ``n_pending``: all of them.
+        """
+        n = cell.n + pending
+        if n == 0:
+            return math.inf
+        t = self.t + n_pending + 1
+        mean = cell.mean if cell.n else self._overall_mean()
+        return mean + self.c * math.sqrt(math.log(t) / n) + self.lipschitz * cell.diam()
+
+    def _overall_mean(self) -> float:
+        rewards = [o[2] for cell in self.cells for o in cell.obs]
+        return sum(rewards) / len(rewards) if rewards else 0.5
+
+    def select(self, pending: Sequence[Arm] = ()) -> Arm:
+        counts = [0] * len(self.cells)
+        for arm in pending:
+            counts[self._find(*self.space.to_point(arm))] += 1
+        idx = np.array([self.index(cell, counts[i], len(pending)) for i, cell in enumerate(self.cells)])
         best = np.flatnonzero(idx == idx.max())
         cell = self.cells[int(self.rng.choice(best))]
         u = self.rng.uniform(cell.lo[0], cell.hi[0])
@@ -305,19 +322,27 @@ class UCB1Grid:
         self.sums = [0.0] * len(self.arms)
         self.t = 0
 
-    def index(self, i: int) -> float:
-        if self.n[i] == 0:
+    def index(self, i: int, pending: int = 0, n_pending: int = 0) -> float:
+        n = self.n[i] + pending
+        if n == 0:
             return math.inf
-        return self.sums[i] / self.n[i] + self.c * math.sqrt(math.log(self.t + 1) / self.n[i])
+        mean = self.sums[i] / self.n[i] if self.n[i] else sum(self.sums) / max(sum(self.n), 1)
+        return mean + self.c * math.sqrt(math.log(self.t + n_pending + 1) / n)
 
-    def select(self) -> Arm:
-        idx = np.array([self.index(i) for i in range(len(self.arms))])
+    def _nearest(self, arm: Arm | tuple[float, int]) -> int:
+        p, r = tuple(arm)[:2]
+        return min(range(len(self.arms)), key=lambda j: (abs(self.arms[j][0] - p), abs(self.arms[j][1] - r)))
+
+    def select(self, pending: Sequence[Arm] = ()) -> Arm:
+        counts = [0] * len(self.arms)
+        for arm in pending:
+            counts[self._nearest(arm)] += 1
+        idx = np.array([self.index(i, counts[i], len(pending)) for i in range(len(self.arms))])
         i = int(self.rng.choice(np.flatnonzero(idx == idx.max())))
         return Arm(*self.arms[i])
 
     def update(self, arm: Arm | tuple[float, int], reward: float) -> None:
-        p, r = tuple(arm)[:2]
-        i = min(range(len(self.arms)), key=lambda j: (abs(self.arms[j][0] - p), abs(self.arms[j][1] - r)))
+        i = self._nearest(arm)
         self.n[i] += 1
         self.sums[i] += float(reward)
         self.t += 1
@@ -345,7 +370,7 @@ class RandomChooser:
         self.rng = np.random.default_rng(seed)
         self.t = 0
 
-    def select(self) -> Arm:
+    def select(self, pending: Sequence[Arm] = ()) -> Arm:
         return self.space.to_arm(self.rng.uniform(), self.rng.uniform())
 
     def update(self, arm: Arm | tuple[float, int], reward: float) -> None:
