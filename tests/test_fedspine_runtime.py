@@ -110,6 +110,22 @@ def test_device_masks_only_grow_and_hit_the_target(tokenizer):
     assert r1.metrics["train_flops"] > 0 and set(st) == {"importance", "adamw"}
 
 
+def test_reward_losses_are_one_batch_before_and_after_the_round(tokenizer):
+    base = shared_base(tokenizer)
+    exs = examples(tokenizer)
+    frozen = TrainSettings(local_steps=4, grad_accum=1, seq_len=48, lr=1e-12)  # learns nothing
+
+    def round_(ratio):
+        task = ClientTask(0, 1, 4, init_lora_state(base.shapes, 4, 0), extra={"ratio": ratio, "interval": 2})
+        return train_fedspine_client(base, task, exs, frozen, 5, tokenizer.pad_token_id)[0].metrics
+
+    same = round_(0.0)  # nothing learnt, nothing pruned: the same batch gives the same loss
+    assert same["loss_after"] == pytest.approx(same["loss_before"], abs=1e-6)
+    pruned = round_(0.5)  # nothing learnt, half pruned: only the pruning shows
+    assert pruned["loss_before"] == pytest.approx(same["loss_before"], abs=1e-6)
+    assert abs(pruned["loss_after"] - pruned["loss_before"]) > 1e-3 and pruned["sparsity"] > 0.4
+
+
 def test_deployable_model_logits_equal_masked_model_and_reload(tokenizer, tmp_path):
     from fedprune import load_model, save_model
 

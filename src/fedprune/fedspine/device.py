@@ -95,14 +95,19 @@ def _importance_flops(base, keys: Sequence[str], rank: int) -> float:
     return float(sum(4 * 2 * base.shapes[k][0] * base.shapes[k][1] * rank for k in keys))
 
 
+def _params_through(base, heads: Mapping[int, torch.Tensor], chans: Mapping[int, torch.Tensor]) -> int:
+    """Frozen matmul weights a token flows through under these masks (kept fraction per layer)."""
+    return base.params_through(None, {i: float(m.float().mean()) for i, m in heads.items()},
+                               {i: float(m.float().mean()) for i, m in chans.items()})
+
+
 def _probe_loss(base, batch, settings: TrainSettings, handle) -> tuple[float, float]:
     """(loss, forward FLOPs) of ``batch`` on the masked model in eval mode, without gradients."""
     base.model.eval()
     with torch.no_grad():
         loss = float(training_loss(base, batch, settings))
-    hf = {i: float(m.float().mean()) for i, m in handle.head_masks.items()}
-    cf = {i: float(m.float().mean()) for i, m in handle.channel_masks.items()}
-    return loss, train_flops(base.params_through(None, hf, cf), int(batch["attention_mask"].sum())) / 3.0
+    through = _params_through(base, handle.head_masks, handle.channel_masks)
+    return loss, train_flops(through, int(batch["attention_mask"].sum())) / 3.0  # forward: a third
 
 
 # ---- the device round ------------------------------------------------------------------------------
@@ -163,9 +168,8 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
                 (loss / settings.grad_accum).backward()
                 step_loss += float(loss.detach()) / settings.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
-            hf = {i: float(m.float().mean()) for i, m in handle.head_masks.items()}
-            cf = {i: float(m.float().mean()) for i, m in handle.channel_masks.items()}
-            flops += train_flops(base.params_through(None, hf, cf), step_tokens, trainable)
+            flops += train_flops(_params_through(base, handle.head_masks, handle.channel_masks), step_tokens,
+                                 trainable)
             tokens += step_tokens
             if do_prune:  # importance from this step's LoRA gradients (before clipping), smoothed
                 scores = update_model_importance(base.model, ema, parts_fn)
@@ -204,8 +208,7 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
         "loss_before": probe_before, "loss_after": probe_after, "train_loss_tail": sum(tail) / len(tail),
         "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target,
         "prune_steps": len(prune_log), "trainable_params": trainable,
-        "params_through": base.params_through(None, {i: float(m.float().mean()) for i, m in hm.items()},
-                                              {i: float(m.float().mean()) for i, m in cm.items()}),
+        "params_through": _params_through(base, hm, cm),
         "train_flops": flops, "wall_s": time.perf_counter() - t0,
     }
     keep = {"importance": ema.state_dict(),
