@@ -10,7 +10,8 @@ Methods (same seeds, fleet, Dirichlet split, LoRA targets, local steps and evalu
   fedit-prune      FedIT + the same device-side prune-and-tune at a uniform ratio P on every device
   fedspine-random  FedSpine with uniformly random (p, r)
   fedspine-ucb1    FedSpine with UCB1 over a fixed 6 x 4 grid of (p, r)
-  fedspine         FedSpine with S-UCB (the method)
+  fedspine         FedSpine with S-UCB (the method), cold devices warm-started by the fleet bandit
+  fedspine-cold    ablation: S-UCB per device from its first pull (no fleet warm start)
 
 Per round the server evaluates its global LoRA merged into the dense base (held-out loss):
 that curve gives time to target. At the end every method's global model is compared at equal
@@ -66,8 +67,11 @@ METHODS = {
                                                                     fleet_warmup=FLEET_WARMUP)),
     "fedspine": (SPINE + ["federation.ranks=[2,4,8,16]"], dict(SPINE_OPTIONS, chooser="s-ucb",
                                                                fleet_warmup=FLEET_WARMUP)),
+    # ablation: S-UCB per device from the first pull, no fleet warm start (not a baseline)
+    "fedspine-cold": (SPINE + ["federation.ranks=[2,4,8,16]"], dict(SPINE_OPTIONS, chooser="s-ucb")),
 }
-PRUNED = {"fedit-prune", "fedspine-random", "fedspine-ucb1", "fedspine"}
+ABLATIONS = {"fedspine-cold"}
+PRUNED = {"fedit-prune", "fedspine-random", "fedspine-ucb1", "fedspine", "fedspine-cold"}
 SHORTCUTS = (
     "SmolLM2-135M (de-quantised GGUF, float32) on a 2-core CPU, two methods side by side with one thread each; the "
     "80-device fleet tx2:30,xavier-nx:40,agx-xavier:10 is simulated (time = FLOPs / effective device FLOP/s + bytes / "
@@ -227,7 +231,8 @@ def summarise(results: dict) -> dict:
                                                      "reward": sum(t["reward"] for t in ts) / len(ts), "n": len(ts)}
                                                  for c, ts in sorted(by_cls.items())}
             per[name]["deployed_sparsity_by_class"] = r.get("device_sparsity_by_class")
-    baselines = [n for n in per if n != "fedspine"]  # the baselines include random and UCB1-grid choices
+    # the baselines include FedSpine with random and with UCB1-grid choices; ablations are not baselines
+    baselines = [n for n in per if n != "fedspine" and n not in ABLATIONS]
     reached = [per[n]["time_to_target_s"] for n in baselines if per[n]["time_to_target_s"] is not None]
     best_base = min(reached) if reached else None
     fs = per.get("fedspine", {}).get("time_to_target_s")
