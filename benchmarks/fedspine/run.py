@@ -73,7 +73,7 @@ METHODS = {
 ABLATIONS = {"fedspine-cold"}
 PRUNED = {"fedit-prune", "fedspine-random", "fedspine-ucb1", "fedspine", "fedspine-cold"}
 SHORTCUTS = (
-    "SmolLM2-135M (de-quantised GGUF, float32) on a 2-core CPU, two methods side by side with one thread each; the "
+    "SmolLM2-135M (de-quantised GGUF, float32) on a 2-core CPU, two or three methods side by side with one thread each; the "
     "80-device fleet tx2:30,xavier-nx:40,agx-xavier:10 is simulated (time = FLOPs / effective device FLOP/s + bytes / "
     "link; every device keeps its own link drawn from 5-100 Mbit/s, fluctuating per round by a log-normal factor "
     "(sigma 0.3), times a run-to-run jitter; the server sees only observed times). Dolly-15k Dirichlet(0.5) over 80 "
@@ -226,10 +226,17 @@ def summarise(results: dict) -> dict:
                 by_cls.setdefault(t["device_class"], []).append(t)
             per[name]["bandit_pulls_per_device"] = {"devices": len(pulls), "max": max(pulls.values()),
                                                     "mean": sum(pulls.values()) / len(pulls)}
-            per[name]["mean_choice_by_class"] = {c: {"ratio": sum(t["ratio"] for t in ts) / len(ts),
-                                                     "rank": sum(t["rank"] for t in ts) / len(ts),
-                                                     "reward": sum(t["reward"] for t in ts) / len(ts), "n": len(ts)}
-                                                 for c, ts in sorted(by_cls.items())}
+            half = max(t["round"] for t in r["trace"]) / 2
+
+            def mean(ts, key):
+                return sum(t[key] for t in ts) / len(ts) if ts else None
+
+            per[name]["mean_choice_by_class"] = {
+                c: {"ratio": mean(ts, "ratio"), "rank": mean(ts, "rank"), "reward": mean(ts, "reward"), "n": len(ts),
+                    "ratio_second_half": mean([t for t in ts if t["round"] > half], "ratio"),
+                    "rank_second_half": mean([t for t in ts if t["round"] > half], "rank"),
+                    "chosen_by_fleet": sum(t.get("chosen_by") == "fleet" for t in ts) / len(ts)}
+                for c, ts in sorted(by_cls.items())}
             per[name]["deployed_sparsity_by_class"] = r.get("device_sparsity_by_class")
     # the baselines include FedSpine with random and with UCB1-grid choices; ablations are not baselines
     baselines = [n for n in per if n != "fedspine" and n not in ABLATIONS]
@@ -315,10 +322,12 @@ NOTES = ""
 
 
 def _bandit_table(s: dict) -> str:
-    rows = ["| method | device class | pulls | mean ratio | mean rank | mean reward |", "|---|---|---:|---:|---:|---:|"]
+    rows = ["| method | device class | pulls | mean ratio | mean rank | ratio, 2nd half of rounds | rank, 2nd half | "
+            "mean reward | chosen by the fleet bandit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, m in s["methods"].items():
         for c, v in (m.get("mean_choice_by_class") or {}).items():
-            rows.append(f"| {n} | {c} | {v['n']} | {v['ratio']:.2f} | {v['rank']:.1f} | {v['reward']:.3f} |")
+            rows.append(f"| {n} | {c} | {v['n']} | {v['ratio']:.2f} | {v['rank']:.1f} | {_f(v.get('ratio_second_half'), '.2f')} | "
+                        f"{_f(v.get('rank_second_half'), '.1f')} | {v['reward']:.3f} | {_f(v.get('chosen_by_fleet'), '.0%')} |")
     if len(rows) == 2:
         return ""
     pulls = {n: m["bandit_pulls_per_device"] for n, m in s["methods"].items() if m.get("bandit_pulls_per_device")}
