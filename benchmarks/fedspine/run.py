@@ -39,6 +39,7 @@ ROOT = HERE.parents[1]
 
 P_EQUAL = 0.3  # the common sparsity of the equal-sparsity comparison (and fedit-prune's uniform ratio)
 TARGET_FRACTION = 0.5  # target loss = base - 0.5 x (base - best final loss over methods)
+OTHER_FRACTIONS = (0.25, 0.5, 0.75)
 ZS_TASKS = "piqa,arc_easy"
 ZS_LIMIT = 10
 ROUGE_N, ROUGE_TOKENS = 2, 12
@@ -212,6 +213,10 @@ def summarise(results: dict) -> dict:
         g = r["final"]["global"]
         per[name] = {
             "time_to_target_s": time_to(r["curve"], target),
+            # the same at other target depths: how the verdict depends on the target rule
+            "time_to_target_by_fraction": {str(f): time_to(r["curve"], base - f * (base - best_final))
+                                           for f in OTHER_FRACTIONS},
+            "mean_round_sim_s": r["sim_time_s"] / max(1, len(r["curve"]) - 1),
             "final_heldout_loss_dense_global": r["curve"][-1]["test_loss"],
             "final_heldout_loss_at_equal_sparsity": g["test_loss"],
             "rouge_l": g.get("rouge_l"), "zero_shot_avg": g.get("zero_shot_avg"),
@@ -294,7 +299,7 @@ def markdown(results: dict) -> str:
             f"Speed-up of FedSpine (S-UCB) vs the best baseline in simulated time to target: **{verdict}**.\n\n"
             + "\n".join(rows) + "\n\nDeployed models (FedSpine methods: one per device class + the global model "
             f"pruned to {P_EQUAL}; FedIT/HetLoRA: dense):\n\n" + "\n".join(dep)
-            + _bandit_table(s) + (f"\n\n{NOTES}" if NOTES else "")
+            + _fraction_table(s) + _bandit_table(s) + (f"\n\n{NOTES}" if NOTES else "")
             + f"\n\nShortcuts: {SHORTCUTS}\n\nCommand: `.venv/bin/python benchmarks/fedspine/run.py`\n\n"
             "![loss vs time](loss_vs_time.png)\n\n![choices](choices.png)\n")
 
@@ -319,6 +324,17 @@ NOTES_PREVIOUS = (  # the run before per-device links, the log-ratio reward and 
     "the equal-sparsity figures use the exported global pruned model."
 )
 NOTES = ""
+
+
+def _fraction_table(s: dict) -> str:
+    fr = [str(f) for f in OTHER_FRACTIONS]
+    rows = ["| method | mean round (sim s) | " + " | ".join(f"time to {f} of the way (sim s)" for f in fr) + " |",
+            "|---|---:|" + "---:|" * len(fr)]
+    for n, m in s["methods"].items():
+        t = m.get("time_to_target_by_fraction") or {}
+        rows.append(f"| {n} | {_f(m.get('mean_round_sim_s'), '.1f')} | " + " | ".join(_f(t.get(f), ".1f") for f in fr) + " |")
+    return ("\n\nTime to other targets (a fraction f of the way from the base loss to the best held-out loss any "
+            "method reached; n/a = never reached):\n\n" + "\n".join(rows))
 
 
 def _bandit_table(s: dict) -> str:
