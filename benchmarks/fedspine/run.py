@@ -304,25 +304,6 @@ def markdown(results: dict) -> str:
             "![loss vs time](loss_vs_time.png)\n\n![choices](choices.png)\n")
 
 
-NOTES_PREVIOUS = (  # the run before per-device links, the log-ratio reward and the fleet warm start
-    "Findings of the run recorded here (4 rounds x 4 of 80 devices; fedspine-ucb1 was run later, on a quieter "
-    "machine and with the chunked LM-head loss on the device, equal to the full-logits loss to 1e-6; simulated times do "
-    "not depend on the machine). (1) FedSpine (S-UCB) reached the target 1.10x sooner than the best baseline "
-    "(FedIT, 30.9 vs 34.1 simulated s): short of the claimed 1.4x by 0.30x. (2) FedSpine with random choices reached it "
-    "3.6x sooner (9.3 s): per-device (ratio, rank) choices do shorten rounds (lower ranks move fewer bytes on slow "
-    "links; pruned devices compute less), but which configurations S-UCB and random happened to draw is luck here: "
-    "16 pulls spread over 13 devices (mean 1.2 pulls per device bandit), so no bandit learned anything; and the reward "
-    "saturated near 0 for almost every pull because pruning 20-50 % of SmolLM2 within 4 local steps raises the training "
-    "loss from ~2 to ~10 (relative gain clipped at -1, tanh saturated). (3) At equal sparsity 0.30 every pruned model is "
-    "badly damaged (held-out loss 8.7 FedSpine, 9.1 random, 10.9 uniform FedIT+prune, vs 2.95 dense base; Rouge-L 0): "
-    "FedSpine is better than uniform pruning (-2.2 nats) and random choices, but FedSpine with UCB1 over a fixed grid "
-    "is better still (5.61; it reached the target later, 38.8 simulated s): so at equal sparsity FedSpine is worse "
-    "than one pruned baseline, and 4 local steps cannot recover a 30 % structured prune for any method. (4) The per-round curve is the global LoRA on the dense base: FedSpine's final 2.892 vs "
-    "FedIT 2.875, HetLoRA 2.915. (5) Inference tok/s were measured on a CPU with load average ~20 and vary 8x between "
-    "identical models: compare only params / parameter MB; peak RSS is the whole benchmark process.\n\n"
-    "Target held-out loss and time to target use the per-round evaluation (global LoRA merged into the dense base); "
-    "the equal-sparsity figures use the exported global pruned model."
-)
 NOTES = (
     "Findings of the run recorded here (20 rounds x 8 of 80 devices, one seed). (1) FedSpine (S-UCB, fleet warm "
     "start) reached the target 0.89x as fast as the best baseline, FedSpine with random choices (53.6 vs 47.6 "

@@ -164,7 +164,6 @@ def client_query(msg: Message, context: Context) -> Message:
 def _memory_budget(context: Context, cfg: FederatedConfig, pid: int) -> int:
     """The memory budget this device declares: node config ``memory-gb`` when the SuperNode was
     started with one, else its device class in ``federation.fleet`` (memory-aware strategies plan with it)."""
-
     if "memory-gb" in context.node_config:
         gb = float(context.node_config["memory-gb"])
         if gb <= 0:

@@ -124,18 +124,13 @@ class FedSpine(LoraStrategy):
         return make_chooser(self.chooser, p_range=self.p_range, r_range=None, ranks=self.ranks, seed=s,
                             **self.chooser_kwargs)
 
-    def _chooser(self, global_: GlobalModel, cid: int, seed: int):
-        ch = self._new_chooser(cid, seed)
-        st = global_.meta.get("bandits", {}).get(str(cid))
-        if st is not None:
-            ch.load_state_dict(st)
-        return ch
-
     FLEET = -1  # the fleet-wide bandit's id (never a device id)
 
-    def _fleet_chooser(self, global_: GlobalModel, seed: int):
-        ch = self._new_chooser(self.FLEET, seed)
-        st = global_.meta.get("fleet_bandit")
+    def _chooser(self, global_: GlobalModel, cid: int, seed: int):
+        """Device ``cid``'s bandit (or the fleet-wide one for ``FLEET``), restored from meta."""
+        ch = self._new_chooser(cid, seed)
+        meta = global_.meta
+        st = meta.get("fleet_bandit") if cid == self.FLEET else meta.get("bandits", {}).get(str(cid))
         if st is not None:
             ch.load_state_dict(st)
         return ch
@@ -167,14 +162,13 @@ class FedSpine(LoraStrategy):
         # one SVD per module and round, shared by every client whatever its rank
         svd = svd_cache(global_.tensors) if self.reconcile == "flexlora" and meta.get("aggregated") else None
         tasks = []
+        fleet = self._chooser(global_, self.FLEET, seed) if self.fleet_warmup else None
         fleet_pending: list[Arm] = []  # the fleet bandit's choices of this round, rewards still to come
         for c in clients:
             ch = self._chooser(global_, c.cid, seed)
-            if self.fleet_warmup and ch.t < self.fleet_warmup:  # a cold device: the fleet decides
-                fleet = self._fleet_chooser(global_, seed)
+            if fleet is not None and ch.t < self.fleet_warmup:  # a cold device: the fleet decides
                 arm, source = fleet.select(pending=fleet_pending), "fleet"
                 fleet_pending.append(arm)
-                meta["fleet_bandit"] = fleet.state_dict()
             else:
                 arm, source = ch.select(), "device"
                 meta["bandits"][str(c.cid)] = ch.state_dict()  # the RNG moved
@@ -184,6 +178,8 @@ class FedSpine(LoraStrategy):
                      "row_masks": meta["masks"].get(str(c.cid))}
             tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed, svd),
                                     extra=extra))
+        if fleet_pending:
+            meta["fleet_bandit"] = fleet.state_dict()  # its RNG moved
         return tasks
 
     def reward_of(self, metrics: dict, round_time: float) -> float:
@@ -202,6 +198,7 @@ class FedSpine(LoraStrategy):
             meta[k] = dict(meta.get(k, {}))
         meta["trace"] = list(meta.get("trace", []))
         round_time = max(r.metrics.get("time_s", 0.0) for r in results) or 1.0
+        fleet = self._chooser(GlobalModel(meta=meta), self.FLEET, 0) if self.fleet_warmup else None
         for r in results:
             key = str(r.cid)
             pend = meta["pending"].pop(key, None)
@@ -212,10 +209,8 @@ class FedSpine(LoraStrategy):
             ch = self._chooser(GlobalModel(meta=meta), r.cid, 0)
             ch.update(arm, reward)
             meta["bandits"][key] = ch.state_dict()
-            if self.fleet_warmup:  # every reward also teaches the fleet-wide bandit
-                fleet = self._fleet_chooser(GlobalModel(meta=meta), 0)
+            if fleet is not None:  # every reward also teaches the fleet-wide bandit
                 fleet.update(arm, reward)
-                meta["fleet_bandit"] = fleet.state_dict()
             meta["masks"][key] = {k: {int(d): m.clone() for d, m in v.items()} for k, v in r.masks.items()}
             meta["sparsity"][key] = float(r.metrics.get("sparsity", 0.0))
             meta["rounds"][key] = int(meta["rounds"].get(key, 0)) + 1
@@ -224,6 +219,8 @@ class FedSpine(LoraStrategy):
                                   "reward": reward, "sparsity": meta["sparsity"][key],
                                   "time_s": r.metrics.get("time_s"), "loss_before": r.metrics["loss_before"],
                                   "loss_after": r.metrics["loss_after"]})
+        if fleet is not None:
+            meta["fleet_bandit"] = fleet.state_dict()
         # arms of devices that dropped out or were cut off get no reward (nothing was observed)
         meta["pending"] = {k: v for k, v in meta["pending"].items() if v["round"] > round_idx}
         states = [r.lora for r in results]
