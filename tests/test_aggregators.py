@@ -4,7 +4,8 @@ import torch
 
 from fedprune.federated.aggregators import (
     AGGREGATORS, compact, count_average, fedavg, flexlora_aggregate, flexlora_distribute, flexlora_factor,
-    flora_stack, hetlora_aggregate, lora_delta, pad_rank, scatter_to_full, truncate_rank,
+    coordinate_reduce, flora_stack, hetlora_aggregate, lora_delta, pad_rank, robust_average, robust_count_average,
+    scatter_to_full, truncate_rank,
 )
 
 T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
@@ -15,7 +16,7 @@ def pair(A, B, m="m"):
 
 
 def test_registered_by_name():
-    for name in ("fedavg", "hetlora", "flexlora", "flora", "count_average"):
+    for name in ("fedavg", "hetlora", "flexlora", "flora", "count_average", "median", "trimmed_mean"):
         assert name in AGGREGATORS
 
 
@@ -120,3 +121,30 @@ def test_count_average_by_holders():
 def test_count_average_rejects_unknown_keys():
     with pytest.raises(ValueError, match="does not have"):
         count_average([{"zz": T([1.0])}], [{}], {"a": T([0.0])})
+
+
+def test_coordinate_reduce_over_holders_only():
+    # 4 clients x 3 entries; entry 0 held by all, entry 1 by clients 0-2, entry 2 by nobody
+    v = T([[1.0, 5.0, 9.0], [2.0, 7.0, 9.0], [30.0, 6.0, 9.0], [4.0, 99.0, 9.0]])
+    h = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    # entry 0: sorted [1, 2, 4, 30] -> (2 + 4) / 2 = 3; entry 1: [5, 6, 7] -> 6 (the 99 is not held)
+    assert coordinate_reduce(v, h, "median").tolist() == [3.0, 6.0, 0.0]
+    # trim 0.25: entry 0 drops 1 per end of 4 -> (2 + 4) / 2; entry 1 floor(0.75) = 0 -> mean 6
+    assert coordinate_reduce(v, h, "trimmed_mean", 0.25).tolist() == [3.0, 6.0, 0.0]
+    # weighted mean among holders: entry 1 = (1*5 + 1*7 + 2*6) / 4
+    assert coordinate_reduce(v, h, "mean", weights=[1, 1, 2, 1]).tolist() == [(1 + 2 + 60 + 4) / 5, 6.0, 0.0]
+    with pytest.raises(ValueError, match="unknown robust aggregation"):
+        coordinate_reduce(v, h, "mode")
+
+
+def test_robust_average_mean_is_fedavg_and_count_variant_keeps_unheld():
+    s1, s2, s3 = ({"x": T([a, 0.0])} for a in (1.0, 2.0, 60.0))
+    assert torch.equal(robust_average([s1, s2, s3], [1, 1, 2])["x"], fedavg([s1, s2, s3], [1, 1, 2])["x"])
+    assert robust_average([s1, s2, s3], [1, 1, 1000], "median")["x"].tolist() == [2.0, 0.0]  # unweighted
+    prev = {"l0.B": T([[9.0], [9.0], [9.0]])}
+    mk = lambda rows: {"l0.B": {0: torch.tensor(rows)}}  # noqa: E731
+    states = [{"l0.B": T([[1.0], [2.0]])}, {"l0.B": T([[3.0], [50.0]])}, {"l0.B": T([[4.0]])}]
+    masks = [mk([True, True, False]), mk([True, True, False]), mk([True, False, False])]
+    out = robust_count_average(states, masks, prev, method="median")
+    # row 0 held by all three [1, 3, 4] -> 3; row 1 by two [2, 50] -> 26; row 2 by nobody -> previous 9
+    assert out["l0.B"].flatten().tolist() == [3.0, 26.0, 9.0]

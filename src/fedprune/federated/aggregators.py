@@ -244,3 +244,121 @@ def count_average(states: Sequence[State], masks: Sequence[Mapping[str, Mapping[
     if unknown:
         raise ValueError(f"count_average: clients sent keys the global does not have: {sorted(unknown)[:3]}")
     return out
+
+
+# ---- robust coordinate-wise reductions (median, trimmed mean) ---------------------------------
+ROBUST_METHODS = ("mean", "median", "trimmed_mean")
+
+
+def coordinate_reduce(values: Tensor, held: Tensor | None, method: str, trim_ratio: float = 0.0,
+                      weights: Sequence[float] | None = None) -> Tensor:
+    """Reduce ``values`` (n_clients x ...) over the client axis, entry by entry, over the clients
+    that hold each entry (``held``: same shape, bool; None = everyone holds everything).
+
+    - ``mean``: weighted by ``weights`` (default uniform) among the holders;
+    - ``median``: the median of the holders' values (the mean of the two middle ones when their
+      number is even); unweighted, so a client cannot buy influence by declaring a large size;
+    - ``trimmed_mean``: drop ``floor(trim_ratio * h)`` of the largest and as many of the smallest
+      of the ``h`` holders' values, average the rest (unweighted). ``trim_ratio`` in [0, 0.5).
+
+    Entries nobody holds come out as 0 (callers keep their previous value). Returns float64.
+    """
+    v = values.double()
+    h = torch.ones_like(v, dtype=torch.bool) if held is None else held.bool()
+    if h.shape != v.shape:
+        raise ValueError(f"held mask has shape {tuple(h.shape)}, values {tuple(v.shape)}")
+    n_held = h.sum(0)
+    if method == "mean":
+        w = torch.ones(v.shape[0], dtype=torch.float64) if weights is None else torch.tensor(
+            [float(x) for x in weights], dtype=torch.float64)
+        if w.shape[0] != v.shape[0] or (w < 0).any():
+            raise ValueError(f"need one non-negative weight per client, got {w.tolist()}")
+        w = w.view(-1, *([1] * (v.dim() - 1))) * h
+        den = w.sum(0)
+        return torch.where(den > 0, (w * torch.where(h, v, 0.0)).sum(0) / den.clamp_min(1e-300), 0.0)
+    if method not in ("median", "trimmed_mean"):
+        raise ValueError(f"unknown robust aggregation {method!r}; known: {', '.join(ROBUST_METHODS)}")
+    if not 0.0 <= trim_ratio < 0.5:
+        raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+    # non-held entries sort last; the holders' values are then positions 0 .. h-1
+    srt = torch.sort(torch.where(h, v, torch.inf), dim=0).values
+    pos = torch.arange(v.shape[0]).view(-1, *([1] * (v.dim() - 1)))
+    if method == "median":
+        lo = ((n_held - 1).clamp_min(0) // 2).unsqueeze(0)
+        hi = (n_held // 2).clamp_max(v.shape[0] - 1).unsqueeze(0)
+        med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
+        return torch.where(n_held > 0, med, 0.0)
+    t = torch.floor(trim_ratio * n_held.double()).long()
+    keep = (pos >= t) & (pos < n_held - t)
+    cnt = keep.sum(0)
+    total = torch.where(keep, srt, 0.0).sum(0)
+    return torch.where(cnt > 0, total / cnt.clamp_min(1), 0.0)
+
+
+def _check_same(states: Sequence[State], what: str) -> list[str]:
+    if not states:
+        raise ValueError(f"{what} needs at least one client state")
+    keys = set(states[0])
+    for s in states[1:]:
+        if set(s) != keys:
+            raise ValueError(f"{what}: clients hold different keys ({sorted(set(s) ^ keys)[:3]} ...)")
+    for k in keys:
+        shapes = {tuple(s[k].shape) for s in states}
+        if len(shapes) != 1:
+            raise ValueError(f"{what}: {k} has different shapes across clients {sorted(shapes)}")
+    return sorted(keys)
+
+
+@AGGREGATORS.register("median")
+def coordinate_median(states: Sequence[State]) -> dict[str, Tensor]:
+    """Coordinate-wise median of same-shaped client states (robust to fewer than half outliers)."""
+    keys = _check_same(states, "median")
+    return {k: coordinate_reduce(torch.stack([s[k] for s in states]), None, "median").to(states[0][k].dtype)
+            for k in keys}
+
+
+@AGGREGATORS.register("trimmed_mean")
+def trimmed_mean(states: Sequence[State], trim_ratio: float) -> dict[str, Tensor]:
+    """Coordinate-wise trimmed mean of same-shaped client states: per entry, the ``floor(trim_ratio * n)``
+    largest and smallest values are dropped and the rest averaged."""
+    keys = _check_same(states, "trimmed_mean")
+    return {k: coordinate_reduce(torch.stack([s[k] for s in states]), None, "trimmed_mean", trim_ratio)
+            .to(states[0][k].dtype) for k in keys}
+
+
+def robust_average(states: Sequence[State], weights: Sequence[float], method: str = "mean",
+                   trim_ratio: float = 0.0) -> dict[str, Tensor]:
+    """FedAvg (``mean``, weighted, exactly :func:`fedavg`) or its robust replacements (unweighted)."""
+    if method == "mean":
+        return fedavg(states, weights)
+    if method == "median":
+        return coordinate_median(states)
+    return trimmed_mean(states, trim_ratio)
+
+
+def robust_count_average(states: Sequence[State], masks: Sequence[Mapping[str, Mapping[int, Tensor]]],
+                         previous: State, weights: Sequence[float] | None = None, method: str = "mean",
+                         trim_ratio: float = 0.0) -> dict[str, Tensor]:
+    """:func:`count_average` (``mean``) or, per entry, the median / trimmed mean over the clients
+    that hold it; entries nobody holds keep their previous value."""
+    if method == "mean":
+        return count_average(states, masks, previous, weights)
+    if len(states) != len(masks):
+        raise ValueError("robust_count_average: one masks dict per client state")
+    unknown = {k for st in states for k in st} - set(previous)
+    if unknown:
+        raise ValueError(f"robust_count_average: clients sent keys the global does not have: {sorted(unknown)[:3]}")
+    out = {}
+    for key, prev in previous.items():
+        vals, helds = [], []
+        for st, mk in zip(states, masks):
+            if key in st:
+                v, h = scatter_to_full(st[key], mk.get(key), prev.shape)
+            else:
+                v, h = torch.zeros(prev.shape, dtype=torch.float64), torch.zeros(prev.shape, dtype=torch.float64)
+            vals.append(v)
+            helds.append(h > 0)
+        held = torch.stack(helds)
+        red = coordinate_reduce(torch.stack(vals), held, method, trim_ratio)
+        out[key] = torch.where(held.any(0), red, prev.double()).to(prev.dtype)
+    return out

@@ -67,6 +67,11 @@ class LoraStrategy:
     """Shared plumbing: rank per client, seeded client sampling, eval as a dense delta."""
 
     name = "base"
+    supports_robust_aggregation = False
+    """True when ``aggregate_train`` averages same-indexed entries and can use a median or trimmed
+    mean instead (``federation.aggregation``); the runtime sets the two attributes below"""
+    aggregation = "mean"
+    trim_ratio = 0.0
 
     def __init__(self, lora: LoraSettings, ranks: Sequence[int] | None = None):
         self.lora = lora
@@ -112,6 +117,7 @@ class FedIT(LoraStrategy):
     layers/rows (masks, layer subsets) are averaged per entry over the holders (count-based)."""
 
     name = "fedit"
+    supports_robust_aggregation = True
 
     def __init__(self, lora, ranks=None):
         super().__init__(lora, ranks)
@@ -122,9 +128,10 @@ class FedIT(LoraStrategy):
         w = [r.num_examples for r in results]
         partial = any(r.masks or set(r.lora) != set(global_.tensors) for r in results)
         if partial:
-            new = agg.count_average([r.lora for r in results], [r.masks for r in results], global_.tensors, w)
+            new = agg.robust_count_average([r.lora for r in results], [r.masks for r in results], global_.tensors, w,
+                                           self.aggregation, self.trim_ratio)
         else:
-            new = agg.fedavg([r.lora for r in results], w)
+            new = agg.robust_average([r.lora for r in results], w, self.aggregation, self.trim_ratio)
         return GlobalModel(new, global_.base_delta, dict(global_.meta))
 
 

@@ -65,6 +65,7 @@ class BudgetedStrategy(LoraStrategy):
 
     name = "budgeted"
     needs_full_model = False
+    supports_robust_aggregation = True  # per-entry averaging over holders: a median / trimmed mean also fits
 
     def __init__(self, lora, ranks=None, temperature: float = 0.5, reuse_stats: bool = False,
                  calib_examples: int = 2, objective: str = "scatter", fixed_overhead_mb: float = 0.0,
@@ -152,8 +153,8 @@ class BudgetedStrategy(LoraStrategy):
         return None
 
     def aggregate_train(self, round_idx, results, global_):
-        new = agg.count_average([r.lora for r in results], [r.masks for r in results], global_.tensors,
-                                [r.num_examples for r in results])
+        new = agg.robust_count_average([r.lora for r in results], [r.masks for r in results], global_.tensors,
+                                       [r.num_examples for r in results], self.aggregation, self.trim_ratio)
         meta = dict(global_.meta)
         counts = list(meta.get("layer_rounds_trained", [0] * (self.shape.num_layers if self.shape else 0)))
         for r in results:
@@ -306,6 +307,7 @@ class HetLoRAFull(BudgetedStrategy):
 
     name = "hetlora_full"
     needs_full_model = True
+    supports_robust_aggregation = False  # norm-weighted, zero-padded ranks: no per-entry median
 
     def rank_of_client(self, client):
         fits = [r for r in sorted(self.ranks) if self.layers_for(client, r) == self.shape.num_layers]
