@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..options import nonnegative_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model directory, known name, or a .gguf file (llama.cpp)")
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
+    p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads")
 
 
 def run(args) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import nonnegative_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (pruned checkpoints included) or known name")
@@ -11,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="GGUF file to write (atomically)")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: detected from the tokenizer, e.g. gpt-2, smollm)")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
+    p.add_argument("--verify", type=nonnegative_int, default=0, metavar="N",
                    help="then compare next-token logits with llama.cpp on N tokens of WikiText-2 (needs llama-cpp-python)")
 
 

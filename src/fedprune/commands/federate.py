@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import nonnegative_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (configs/federated/*.yaml); not needed with --resume")
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. federation.rounds=5 lora.rank=16")
     p.add_argument("--output", help="run directory (config, checkpoint, metrics.jsonl, clients.jsonl)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch intra-op threads (0 = torch default)")
 
 
 def run(args) -> int:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ..options import fraction_or_auto, int_at_least, nonnegative_int, positive_int, require_number
 import json
 
 
@@ -19,12 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="comp", help="comp, magnitude, wanda_sp, flap, llm_pruner, shortgpt, sleb")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 1)")
     p.add_argument("--calibration", default="c4", help="calibration corpus (c4, wikitext2, ...)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512,
+                   help="tokens per calibration sample (2 .. the model's context)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--data-dir", default=None, help="benchmark data directory (default: $FEDPRUNE_DATA or ../shared/data)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--layer-fraction", default=None,
+    p.add_argument("--layer-fraction", type=fraction_or_auto, default=None,
                    help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
     p.add_argument("--neuron-metric", default=None, help="COMP: energy, vif, compensated, mask_lsq, cond_loo")
     p.add_argument("--no-mask-tuning", action="store_true", help="COMP: skip mask tuning")
@@ -33,10 +36,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory for the pruned model")
 
 
+COMP_FLAGS = {"layer_fraction": "--layer-fraction", "neuron_metric": "--neuron-metric",
+              "no_mask_tuning": "--no-mask-tuning"}
+
+
 def options_from_args(args) -> dict:
+    """The method options given by the flags and ``-o KEY=VALUE`` (COMP's flags only with COMP)."""
+    given = [flag for attr, flag in COMP_FLAGS.items() if getattr(args, attr) not in (None, False)]
+    if given and args.method.lower() != "comp":
+        raise ValueError(f"{', '.join(given)} {'is a COMP option' if len(given) == 1 else 'are COMP options'}; "
+                         f"method {args.method!r} does not take {'it' if len(given) == 1 else 'them'} "
+                         "(use -o KEY=VALUE for its own options)")
     opts = {}
     if args.layer_fraction is not None:
-        opts["layer_fraction"] = args.layer_fraction if args.layer_fraction == "auto" else float(args.layer_fraction)
+        opts["layer_fraction"] = args.layer_fraction
     if args.neuron_metric:
         opts["neuron_metric"] = args.neuron_metric
     if args.no_mask_tuning:
@@ -49,10 +62,31 @@ def options_from_args(args) -> dict:
     return opts
 
 
+def check_before_loading(args) -> dict:
+    """Everything that can be checked without the weights, so a typo fails in a second, not after
+    the model and calibration data load: the method and its options (unknown keys named, with
+    the known ones), the calibration corpus, and --seq-len against the context in the model's config."""
+    from ..data import get_dataset, is_text_dataset
+    from ..data.calibration import calibration_corpus
+    from ..models.loading import check_context, load_model_config
+    from ..pruning import method_options
+
+    require_number("--ratio", args.ratio, 0.0, 1.0, low_open=True, high_open=True)
+    opts = options_from_args(args)
+    method_options(args.method, opts)
+    corpus = calibration_corpus(args.calibration, args.data_dir)
+    if not is_text_dataset(corpus):
+        get_dataset(corpus)  # unknown name: KeyError with the known ones
+        raise ValueError(f"--calibration {args.calibration!r} is not a text corpus (e.g. c4, wikitext2, ptb, text:PATH)")
+    check_context(load_model_config(args.model), args.seq_len, "--seq-len", str(args.model))
+    return opts
+
+
 def run(args) -> int:
     from .. import load_model, load_tokenizer
     from ..pruning import prune
 
+    check_before_loading(args)  # options, corpus and --seq-len: before loading anything
     model = load_model(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
     res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration, nsamples=args.nsamples,

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the prefill measurement")
-    p.add_argument("--gen-len", type=int, default=64, help="tokens generated one by one for the decode measurement")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported) after one warm-up")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens for the prefill measurement")
+    p.add_argument("--gen-len", type=positive_int, default=64,
+                   help="tokens generated one by one for the decode measurement")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences per step")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed runs (the median is reported) after one warm-up")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--output", default=None, help="write the results JSON here (atomically)")
@@ -22,6 +26,11 @@ def run(args) -> int:
     from .. import atomic, load_model, load_tokenizer
     from ..evaluate import speed
 
+    from ..models.loading import check_context, load_model_config
+
+    # prompt and generated tokens must fit the context: checked on the config, before the weights load
+    check_context(load_model_config(args.model), args.prompt_len + args.gen_len, "--prompt-len + --gen-len",
+                  str(args.model))
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = {"model": str(args.model),
               **speed(model, load_tokenizer(args.model), prompt_len=args.prompt_len, gen_len=args.gen_len,

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ..options import require_int
 from .catalog import resolve_root
 from .text import load_text
 
@@ -56,6 +57,8 @@ def calibration_samples(tokenizer, corpus: str = "c4", nsamples: int = 128, seq_
     corpus: ``c4``, ``wikitext2`` (train, else validation; never test), ``ptb`` (validation),
     any registered text dataset or ``text:PATH``.
     """
+    require_int("nsamples", nsamples, 1)
+    require_int("seq_len", seq_len, 2)
     name = calibration_corpus(corpus, data_dir)
     log.info("calibration: %d x %d tokens from %s (seed %d)", nsamples, seq_len, name, seed)
     return random_windows(tokenize_corpus(tokenizer, load_text(name, data_dir)), nsamples, seq_len, seed)

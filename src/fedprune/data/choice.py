@@ -18,13 +18,14 @@ hub go through the same ``to_example``) and a ``to_example`` that builds the pro
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import DatasetSpec, get_dataset, local_or_hub, register, resolve_root
+from ..options import require_int
+from .files import read_json, read_jsonl, read_text
 
 TARGET_DELIMITER = " "
 
@@ -113,11 +114,11 @@ def siqa_example(doc: dict) -> ChoiceExample:
 # ---- local files -> Hugging-Face-shaped records ----
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _labels(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def _zip_labels(records: list[dict], labels: list[str], what: str) -> tuple[list[dict], list[str]]:
@@ -173,9 +174,16 @@ def hellaswag_query(line: str) -> str:
     return hellaswag_preprocess(line)
 
 
+def _hellaswag_file(p: Path) -> list[dict]:
+    text = read_text(p)
+    try:
+        return parse_hellaswag_text(text)
+    except ValueError as exc:
+        raise ValueError(f"malformed data file {p}: {exc}") from None
+
+
 def read_hellaswag(root: Path) -> list[dict]:
-    return local_or_hub(root, ("hellaswag/hellaswag_val_full.txt",),
-                        lambda p: parse_hellaswag_text(p.read_text(encoding="utf-8")),
+    return local_or_hub(root, ("hellaswag/hellaswag_val_full.txt",), _hellaswag_file,
                         ("Rowan/hellaswag", None, "validation"), list)
 
 
@@ -194,7 +202,7 @@ def parse_winogrande_instruction(instruction: str) -> dict:
 
 def read_winogrande(root: Path) -> list[dict]:
     def local(p: Path, lab: Path) -> list[dict]:
-        recs, labels = _zip_labels(json.loads(p.read_text(encoding="utf-8")), _labels(lab), "winogrande")
+        recs, labels = _zip_labels(read_json(p), _labels(lab), "winogrande")
         out = []
         for r, l in zip(recs, labels):
             if r.get("answer") not in (None, f"option{l}"):
@@ -279,6 +287,8 @@ def load_records(task: str, data_dir: str | os.PathLike | None = None) -> list[d
 
 def load_examples(task: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[ChoiceExample]:
     """The first ``limit`` (all when None) examples of a zero-shot task."""
+    if limit is not None:
+        require_int("limit", limit, 1)
     records = load_records(task, data_dir)
     if limit is not None:
         records = records[:limit]

@@ -7,11 +7,11 @@ public ``datasets`` mirror, so a missing file is an error naming the file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .catalog import DatasetSpec, local_or_hub, register, resolve_root
+from .files import read_json
 
 DOLLY_DIR = "dolly-15k-shepherd-10clients"
 NUM_CLIENTS = 10
@@ -19,7 +19,9 @@ FIELDS = ("instruction", "context", "response", "category")
 
 
 def _read_records(path: Path) -> list[dict]:
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for r in records[:1]:
         missing = [f for f in FIELDS if f not in r]
         if missing:

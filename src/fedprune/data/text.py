@@ -15,11 +15,11 @@ The ``-train`` / ``-valid`` corpora exist for calibration, which must not overla
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .catalog import DatasetSpec, get_dataset, local_or_hub, register, resolve_root
+from .files import read_json, read_jsonl, read_text
 
 WIKITEXT_ROWS = "wikitext-2-raw/derived/wikitext-2-raw-v1.test.rows.json"
 WIKITEXT_JOINED = "wikitext-2-raw/test.txt"
@@ -43,24 +43,24 @@ def rows_from_newline_joined(text: str) -> list[str]:
 
 def _read_wikitext_test(root: Path) -> str:
     if (root / WIKITEXT_ROWS).is_file():
-        rows = json.loads((root / WIKITEXT_ROWS).read_text(encoding="utf-8"))["text"]
+        rows = read_json(root / WIKITEXT_ROWS)["text"]
         return "\n\n".join(rows)
     return local_or_hub(
         root, (WIKITEXT_JOINED,),
-        lambda p: "\n\n".join(rows_from_newline_joined(p.read_text(encoding="utf-8"))),
+        lambda p: "\n\n".join(rows_from_newline_joined(read_text(p))),
         (*WIKITEXT_HUB, "test"), lambda ds: "\n\n".join(ds["text"]),
     )
 
 
 def _read_wikitext_train(root: Path) -> str:
     # The raw train file is not in the shared data (too large for the snapshot service).
-    return local_or_hub(root, ("wikitext-2-raw/wiki.train.raw",), lambda p: p.read_text(encoding="utf-8"),
+    return local_or_hub(root, ("wikitext-2-raw/wiki.train.raw",), lambda p: read_text(p),
                         (*WIKITEXT_HUB, "train"), lambda ds: "\n\n".join(ds["text"]))
 
 
 def _read_wikitext_valid(root: Path) -> str:
     # pytorch/examples' tokenized validation split (rare words as <unk>); the raw one is not local.
-    return local_or_hub(root, ("wikitext-2-tokenized/valid.txt",), lambda p: p.read_text(encoding="utf-8"),
+    return local_or_hub(root, ("wikitext-2-tokenized/valid.txt",), lambda p: read_text(p),
                         (*WIKITEXT_HUB, "validation"), lambda ds: "\n\n".join(ds["text"]))
 
 
@@ -68,7 +68,7 @@ def _ptb_reader(split: str, relpath: str):
     def read(root: Path) -> str:
         return local_or_hub(
             root, (relpath,),
-            lambda p: " ".join(line.strip() for line in p.read_text(encoding="utf-8").splitlines()),
+            lambda p: " ".join(line.strip() for line in read_text(p).splitlines()),
             ("ptb_text_only", "penn_treebank", split), lambda ds: " ".join(ds["sentence"]),
         )
     return read
@@ -77,12 +77,7 @@ def _ptb_reader(split: str, relpath: str):
 def c4_documents(root: Path) -> list[str]:
     """The C4 sample's documents, in file order (``prefix + gold_completion`` each)."""
     def local(p: Path) -> list[str]:
-        docs = []
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                docs.append(rec["prefix"] + rec["gold_completion"])
-        return docs
+        return [rec["prefix"] + rec["gold_completion"] for rec in read_jsonl(p)]
 
     return local_or_hub(root, ("c4-sample/c4.jsonl",), local, ("allenai/c4", None, "validation"),
                         lambda ds: list(ds.select(range(min(len(ds), 5000)))["text"]),
@@ -120,7 +115,7 @@ def load_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
         path = Path(name[len("text:"):]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path} (from dataset spec {name!r})")
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     spec = get_dataset(name)
     if spec.kind != "text":
         raise ValueError(f"dataset {name!r} is a {spec.kind} dataset, not a text corpus")

@@ -39,6 +39,28 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return names
 
 
+def check_eval_args(tasks: list[str], seq_len: int, limit: int | None, batch_size: int, ppl_batch_size: int,
+                    config=None, option_names: dict[str, str] | None = None) -> None:
+    """Refuse settings out of range before any task runs (the CLI calls this with the model's
+    config before loading its weights). ``seq_len`` matters only when a perplexity task is
+    asked for, and must then fit the model's context; ``option_names`` maps the argument
+    names to the ones the user typed (``{"seq_len": "--seq-len"}``)."""
+    from ..options import require_int
+
+    opt = {"seq_len": "seq_len", "limit": "limit", "batch_size": "batch_size", "ppl_batch_size": "ppl_batch_size",
+           **(option_names or {})}
+    if limit is not None:
+        require_int(opt["limit"], limit, 1)
+    require_int(opt["batch_size"], batch_size, 1)
+    require_int(opt["ppl_batch_size"], ppl_batch_size, 1)
+    if any(reported_metric(t) == "ppl" for t in tasks):
+        require_int(opt["seq_len"], seq_len, 2)
+        if config is not None:
+            from ..models.loading import check_context
+
+            check_context(config, seq_len, opt["seq_len"])
+
+
 def reported_metric(task: str) -> str:
     """The metric quoted for ``task``: ``ppl`` for corpora, acc or acc_norm for zero-shot tasks."""
     from ..data import get_dataset, is_text_dataset
@@ -70,6 +92,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
     partial result after each task (for incremental writing).
     """
     names = parse_tasks(tasks)
+    check_eval_args(names, seq_len, limit, batch_size, ppl_batch_size, getattr(model, "config", None))
     param = next(model.parameters())
     out = {
         "model": name or model_name(model),

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..options import require_int
+
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """Token ids of the whole corpus: LongTensor [num_tokens]."""
@@ -44,9 +46,27 @@ def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     return nll.view(batch.shape[0], -1).double().sum(dim=1).cpu()
 
 
+def check_perplexity_args(seq_len: int, limit: int | None, batch_size: int) -> None:
+    """Ranges of the perplexity settings (a window predicts ``seq_len - 1`` tokens, so >= 2)."""
+    require_int("seq_len", seq_len, 2)
+    if limit is not None:
+        require_int("limit", limit, 1)
+    require_int("batch_size", batch_size, 1)
+
+
 def perplexity_of_tokens(model, tokens: torch.Tensor, seq_len: int = 512, limit: int | None = None,
                          batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> dict:
-    """Perplexity of a token stream [num_tokens]; returns ``{"ppl", "nll", "windows", "tokens"}``."""
+    """Perplexity of a token stream [num_tokens]; returns ``{"ppl", "nll", "windows", "tokens"}``.
+
+    seq_len must fit the model's context: beyond ``max_position_embeddings`` a model still
+    runs, on positions it never saw, and the figure means nothing.
+    """
+    check_perplexity_args(seq_len, limit, batch_size)
+    config = getattr(model, "config", None)
+    if config is not None:
+        from ..models.loading import check_context
+
+        check_context(config, seq_len, "seq_len")
     wins = windows(tokens, seq_len, limit)
     total = torch.zeros((), dtype=torch.float64)
     for start in tqdm(range(0, wins.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
@@ -71,5 +91,6 @@ def perplexity_details(model, tokenizer, dataset: str = "wikitext2", seq_len: in
     """Like :func:`perplexity` but returns ``{"ppl", "nll", "windows", "tokens"}``."""
     from ..data import load_text
 
+    check_perplexity_args(seq_len, limit, batch_size)
     tokens = tokenize_text(tokenizer, load_text(dataset, data_dir))
     return perplexity_of_tokens(model, tokens, seq_len, limit, batch_size, progress, desc=dataset)

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..options import require_int
+
 
 def parameter_bytes(model) -> int:
     """Bytes held by the model's (unique) parameters."""
@@ -94,6 +96,12 @@ def speed(model, tokenizer=None, prompt_len: int = 128, gen_len: int = 64, batch
     "memory_kind", "parameter_bytes", "parameters", "prompt_len", "gen_len", "batch",
     "device", "dtype"}``.
     """
+    for name, value in (("prompt_len", prompt_len), ("gen_len", gen_len), ("batch", batch), ("repeats", repeats)):
+        require_int(name, value, 1)
+    if getattr(model, "config", None) is not None:
+        from ..models.loading import check_context
+
+        check_context(model.config, prompt_len + gen_len, "prompt_len + gen_len")
     param = next(model.parameters())
     device = param.device
     ids = prompt_ids(model, tokenizer, prompt_len, batch).to(device)

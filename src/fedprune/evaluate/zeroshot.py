@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..data.choice import ChoiceExample
+from ..options import require_int
 from .loglik import loglikelihoods
 
 
@@ -75,6 +76,7 @@ def zero_shot_details(model, tokenizer, task: str, limit: int | None = None, bat
     """Like :func:`zero_shot`, plus ``examples`` (count) and ``scores`` (one ChoiceScore each)."""
     from ..data import load_examples
 
+    require_int("batch_size", batch_size, 1)
     examples = load_examples(task, data_dir, limit)
     scores = score_examples(model, tokenizer, examples, batch_size, add_bos_token, progress, desc=task)
     return {**accuracy(scores), "examples": len(examples), "scores": scores}

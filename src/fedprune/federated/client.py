@@ -54,6 +54,9 @@ class TrainSettings:
             raise ValueError(f"train.seq_len must be >= 8, got {self.seq_len}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            name = "weight_decay" if self.weight_decay < 0 else "max_grad_norm"
+            raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

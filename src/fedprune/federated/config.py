@@ -15,6 +15,7 @@ from .client import TrainSettings
 from .devices import LINK_MODELS, parse_fleet
 from .evaluation import EvalSettings
 from .lora import LoraSettings
+from ..options import coerce, keyword_options, require_int, require_number
 
 
 @dataclass
@@ -49,12 +50,11 @@ class DataSettings:
     def __post_init__(self):
         if self.partition not in ("shepherd", "dirichlet", "iid"):
             raise ValueError(f"data.partition must be shepherd, dirichlet or iid, got {self.partition!r}")
-        if self.num_clients < 1:
-            raise ValueError(f"data.num_clients must be >= 1, got {self.num_clients}")
+        require_int("data.num_clients", self.num_clients, 1)
+        require_int("data.max_examples_per_client", self.max_examples_per_client, 0)
         if self.partition == "shepherd" and self.num_clients != 10:
             raise ValueError("data.partition=shepherd has exactly 10 clients; set data.num_clients=10 or use dirichlet")
-        if self.alpha <= 0:
-            raise ValueError(f"data.alpha must be > 0, got {self.alpha}")
+        require_number("data.alpha", self.alpha, 0.0, low_open=True)
 
 
 @dataclass
@@ -87,15 +87,20 @@ class FederationSettings:
 
         if self.strategy not in STRATEGIES:
             raise ValueError(f"federation.strategy {self.strategy!r} unknown; known: {', '.join(STRATEGIES.names())}")
-        if self.rounds < 1 or self.clients_per_round < 1:
-            raise ValueError("federation.rounds and federation.clients_per_round must be >= 1")
-        if any(int(r) < 1 for r in self.ranks):
-            raise ValueError(f"federation.ranks must all be >= 1, got {self.ranks}")
+        require_int("federation.rounds", self.rounds, 1)
+        require_int("federation.clients_per_round", self.clients_per_round, 1)
+        require_int("federation.seed", self.seed, 0)
+        for i, r in enumerate(self.ranks):
+            require_int(f"federation.ranks[{i}]", r, 1)
+        # an unknown strategy option is refused here, by name, before any model is loaded
+        self.options = keyword_options(STRATEGIES.get(self.strategy).__init__, self.options or {},
+                                       f"federation.strategy {self.strategy!r} (federation.options)", skip=2,
+                                       prefix="federation.options.")
         parse_fleet(self.fleet)
         if self.links not in LINK_MODELS:
             raise ValueError(f"federation.links must be one of {', '.join(LINK_MODELS)}, got {self.links!r}")
-        if self.deadline_s < 0 or self.max_update_norm <= 0:
-            raise ValueError("federation.deadline_s must be >= 0 and max_update_norm > 0")
+        require_number("federation.deadline_s", self.deadline_s, 0.0)
+        require_number("federation.max_update_norm", self.max_update_norm, 0.0, low_open=True)
 
 
 @dataclass
@@ -133,30 +138,30 @@ class FederatedConfig:
             sub_cls = f.default_factory  # type: ignore[misc]
             values = d.get(name) or {}
             known = {x.name for x in dataclasses.fields(sub_cls)}
-            bad = set(values) - known
+            bad = set(values) - known if isinstance(values, dict) else set()
             if bad:
                 raise ValueError(f"unknown key(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
-            kwargs[name] = sub_cls(**_coerce(sub_cls, values))
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {name!r} must be a mapping of key: value, got {values!r}")
+            kwargs[name] = sub_cls(**_coerce(sub_cls, values, name))
         return cls(**kwargs)
 
 
-def _coerce(sub_cls, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``1e-9`` as a string and ``3`` as an int: cast to the type of each field's default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(sub_cls) if f.default is not dataclasses.MISSING}
-    out = dict(values)
-    for k, v in values.items():
-        d = defaults.get(k)
-        try:
-            if isinstance(d, bool):
-                if isinstance(v, str):
-                    out[k] = {"true": True, "false": False}[v.lower()]
-            elif isinstance(d, float) and isinstance(v, (int, str)):
-                out[k] = float(v)
-            elif isinstance(d, int) and isinstance(v, str):
-                out[k] = int(v)
-        except (ValueError, KeyError):
-            raise ValueError(f"{sub_cls.__name__}.{k}: cannot read {v!r} as {type(d).__name__}") from None
-    return out
+def _coerce(sub_cls, values: dict[str, Any], section: str = "") -> dict[str, Any]:
+    """Cast each value to its field's annotated type, or refuse it naming ``section.key``.
+
+    YAML reads ``1e-9`` as a string and ``3`` as an int: both become floats where a float is
+    expected. An integer field takes 3 or 3.0 but refuses 2.5 (it would not be rounded: a
+    ``rounds: 2.5`` that ran 3 rounds reported "round 3/2"), and a bool field refuses numbers.
+    """
+    import typing
+
+    try:
+        hints = typing.get_type_hints(sub_cls)
+    except Exception:  # an unresolvable annotation: fall back to the defaults' types
+        hints = {f.name: type(f.default) for f in dataclasses.fields(sub_cls) if f.default is not dataclasses.MISSING}
+    prefix = f"{section}." if section else f"{sub_cls.__name__}."
+    return {k: coerce(prefix + k, v, hints.get(k)) for k, v in values.items()}
 
 
 def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -167,7 +172,11 @@ def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
             raise ValueError(f"bad override {ov!r}: expected section.key=value, e.g. train.local_steps=5")
         path, value = ov.split("=", 1)
         section, key = path.split(".", 1)
-        d.setdefault(section, {})[key] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {ov!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+        d.setdefault(section, {})[key] = parsed
     return d
 
 
@@ -177,10 +186,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
+        try:
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else str(p)
+            raise ValueError(f"YAML syntax error in {where}: {_yaml_problem(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p} is not UTF-8 text ({exc.reason})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping of sections (model, data, lora, train, federation, eval)")
     return FederatedConfig.from_dict(apply_overrides(d, overrides))
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """The one-line reason of a YAML error (its ``problem``, with its ``context`` when given)."""
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if problem:
+        return f"{problem} ({context})" if context else problem
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def dump_config(cfg: FederatedConfig) -> str:

@@ -38,8 +38,9 @@ class EvalSettings:
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"eval.every must be >= 1, got {self.every}")
-        if self.loss_examples < 0 or self.rouge_examples < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("eval: loss_examples and rouge_examples must be >= 0; max_new_tokens, batch_size >= 1")
+        for name, low in (("loss_examples", 0), ("rouge_examples", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"eval.{name} must be >= {low}, got {getattr(self, name)}")
 
 
 def merged_delta(base_delta: Mapping[str, torch.Tensor], eval_delta: Mapping[str, torch.Tensor]) -> dict:

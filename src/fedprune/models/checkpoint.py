@@ -4,12 +4,13 @@ A pruned model whose kept layers all have the same shape is also a plain Hugging
 checkpoint (its config says the pruned sizes). One whose layers differ (per-layer head
 counts or FFN widths) is rebuilt from the plan: the full-size architecture is built from
 the config, shrunk to the planned shapes, then the weights are loaded. Either way
-``load_model(dir)`` gives identical logits. The directory is written atomically.
+``load_model(dir)`` gives identical logits. The directory is written atomically, under a
+lock, and never replaces what is already at the path unless asked to (see
+:mod:`fedprune.outputs`).
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -26,8 +27,17 @@ def _uniform_sizes(plan: PrunePlan):
     return shapes.pop() if len(shapes) == 1 else None
 
 
-def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Save ``model`` (pruned or not) to ``directory`` atomically; returns the path."""
+def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Save ``model`` (pruned or not) to ``directory`` atomically; returns the path.
+
+    An existing file or non-empty directory at ``directory`` (a previous model included) is
+    replaced only with ``overwrite=True``; the current directory, its parents and home
+    directories never are (:func:`fedprune.outputs.check_model_output`).
+    """
+    from ..outputs import check_model_output, model_output_lock
+
+    check_model_output(directory, overwrite)  # before any work: fail fast
     adapter = get_adapter(model)
     plan = adapter.plan
     directory = Path(directory)
@@ -52,7 +62,7 @@ def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict 
     record["hf_loadable"] = uniform is not None
     if extra:
         record.update(extra)
-    with atomic.atomic_directory(directory) as tmp:
+    with model_output_lock(directory), atomic.atomic_directory(check_model_output(directory, overwrite)) as tmp:
         original = model.config
         model.config = config if uniform is not None else original
         try:
@@ -72,12 +82,15 @@ def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .loading import read_json_file
+
     directory = Path(directory)
+    record = read_json_file(directory / PLAN_FILE, "plan file")
+    read_json_file(directory / "config.json", "model config")  # a syntax error names its line
     try:
-        record = json.loads((directory / PLAN_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"corrupt plan file {directory / PLAN_FILE}: {exc}") from exc
-    plan = PrunePlan.from_dict(record)
+        plan = PrunePlan.from_dict(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"corrupt plan file {directory / PLAN_FILE}: {type(exc).__name__}: {exc}") from exc
     if record.get("hf_loadable"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         model._fedprune_plan = plan

@@ -105,6 +105,36 @@ def convert_gguf(gguf: str | os.PathLike) -> Path:
     return out
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` is meant as a local path rather than a hub id ``owner/name``.
+
+    True when it starts with ``.``, ``/`` or ``~``, has more than one ``/`` (or a ``\\`` on
+    Windows), ends in a weights/GGUF suffix, or its first component is a local directory
+    (``models/smol-pruned`` next to a ``models/`` folder). A missing path is then reported at
+    once as missing instead of being retried against the hub.
+    """
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec):
+        return True
+    if spec.lower().endswith((".gguf", ".safetensors", ".bin", ".json")):
+        return True
+    head = spec.split("/", 1)[0]
+    return "/" in spec and Path(head).is_dir()
+
+
+def _missing_path_error(p: Path) -> FileNotFoundError:
+    import difflib
+
+    msg = f"model path not found: {p} (no such file or directory; a local path is never looked up on the hub)"
+    parent = p.parent
+    if parent.is_dir():
+        close = difflib.get_close_matches(p.name, [x.name for x in parent.iterdir()], n=3)
+        if close:
+            msg += f"; did you mean {' or '.join(str(parent / c) for c in close)}?"
+    else:
+        msg += f"; its parent directory {parent} does not exist either"
+    return FileNotFoundError(msg)
+
+
 def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
     """A local directory for ``spec``, or the hub id itself when it is not local."""
     s = str(spec)
@@ -112,6 +142,8 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
         return convert_gguf(KNOWN_MODELS[s.lower()].locate())
     p = Path(s).expanduser()
     if s.endswith(".gguf"):
+        if not p.is_file():
+            raise _missing_path_error(p)
         return convert_gguf(p)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -120,12 +152,64 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
     if p.exists():
         raise ValueError(f"{p} is a file but not a .gguf file; give a model directory, a .gguf file or a known name "
                          f"({', '.join(KNOWN_MODELS)})")
-    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+    if isinstance(spec, os.PathLike) or looks_like_path(s):
+        raise _missing_path_error(p)
+    if s.count("/") == 1:
         return s  # a hub id
     raise FileNotFoundError(
         f"model {s!r} not found: not a known name ({', '.join(KNOWN_MODELS)}), not a local directory or .gguf file, "
         "and not a hub id of the form 'owner/name'"
     )
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> dict:
+    """``json.loads`` of ``path``; a syntax error names the file, line and column."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed {what} {path}, line {exc.lineno} column {exc.colno}: {exc.msg} "
+                         "(the file may be truncated or hand-edited)") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"malformed {what} {path}: not UTF-8 text ({exc.reason})") from None
+
+
+def load_model_config(spec: str | os.PathLike = "smollm2-135m"):
+    """The Hugging Face config of ``spec`` without its weights (cheap: checks run before loading).
+
+    config.json is parsed here first, so a malformed file is reported with its line.
+    """
+    from transformers import AutoConfig
+
+    where = resolve_model_dir(spec)
+    if isinstance(where, Path):
+        read_json_file(where / "config.json", "model config")
+    try:
+        return AutoConfig.from_pretrained(where)
+    except OSError as exc:
+        if isinstance(where, str):
+            raise _hub_error(where, exc) from exc
+        raise ValueError(f"cannot read the model config in {where}: {exc}") from exc
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` and kin), or None."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config, tokens: int, option: str = "--seq-len", model: str | None = None) -> None:
+    """Refuse a sequence of ``tokens`` longer than the model's context (it would run, on
+    positions the model never saw, and give meaningless numbers)."""
+    limit = context_length(config)
+    if limit is not None and tokens > limit:
+        name = model or getattr(config, "_name_or_path", "") or config.model_type
+        raise ValueError(f"{option}={tokens} exceeds the context of model {name} "
+                         f"(max_position_embeddings={limit}); use {option} <= {limit}")
 
 
 def _hub_error(spec: str, exc: Exception) -> RuntimeError:
@@ -146,19 +230,16 @@ def load_model(spec: str | os.PathLike = "smollm2-135m", dtype: str | torch.dtyp
     if isinstance(where, Path) and (where / PLAN_FILE).exists():
         model = load_checkpoint(where, dtype=torch_dtype)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        try:
-            config = AutoConfig.from_pretrained(where)
-        except OSError as exc:
-            if isinstance(where, str):
-                raise _hub_error(where, exc) from exc
-            raise
+        config = load_model_config(where)
         from ..adapters import ADAPTERS
 
         if config.model_type not in ADAPTERS:
             raise ValueError(f"unsupported architecture {config.model_type!r} in {spec}; supported: "
                              f"{', '.join(ADAPTERS.names())}")
+        if isinstance(where, Path):
+            check_weights_match_config(where, config)
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
         except OSError as exc:
@@ -172,15 +253,69 @@ def load_model(spec: str | os.PathLike = "smollm2-135m", dtype: str | torch.dtyp
     return model
 
 
+def check_weights_match_config(directory: Path, config) -> None:
+    """Compare the safetensors tensor shapes in ``directory`` with the model ``config`` describes.
+
+    Read from the file headers and a weightless (meta) model, so it costs no weight loading.
+    A mismatch in a directory that has no plan.json is a pruned checkpoint that lost its plan
+    (its config.json keeps the unpruned sizes; plan.json says which heads/channels remain),
+    which transformers would report as a size-mismatch table or, for missing layers, fill
+    with random weights.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import PLAN_FILE
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return  # .bin weights or a sharded index: left to transformers
+    stored: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    stored[k] = tuple(fh.get_slice(k).get_shape())
+        except Exception as exc:
+            raise ValueError(f"corrupt weights file {f}: {exc}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in expected if k not in stored and not (tied and k.endswith("lm_head.weight"))]
+    wrong = [f"{k} {stored[k]} vs {expected[k]}" for k in expected if k in stored and stored[k] != expected[k]]
+    if not missing and not wrong:
+        return
+    what = []
+    if wrong:
+        what.append(f"{len(wrong)} tensors have other shapes than config.json says (e.g. {wrong[0]})")
+    if missing:
+        what.append(f"{len(missing)} tensors config.json expects are absent (e.g. {missing[0]})")
+    raise ValueError(f"the weights in {directory} do not match its config.json: {'; '.join(what)}. "
+                     f"If this is a pruned fedprune checkpoint, its {PLAN_FILE} (the record of which layers, heads "
+                     f"and channels were kept) is missing: restore it, or prune again")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def load_tokenizer(spec: str | os.PathLike = "smollm2-135m"):
     from transformers import AutoTokenizer
 
     where = resolve_model_dir(spec)
+    if isinstance(where, Path) and not any((where / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"the tokenizer files are missing in {where} (none of {', '.join(TOKENIZER_FILES)}); "
+                                "copy them from the base model directory, or save the tokenizer with the model")
     try:
         tok = AutoTokenizer.from_pretrained(where)
     except OSError as exc:
         if isinstance(where, str):
             raise _hub_error(where, exc) from exc
+        raise
+    except (ValueError, TypeError) as exc:
+        if isinstance(where, Path):
+            raise ValueError(f"cannot read the tokenizer in {where}: {exc}") from exc
         raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

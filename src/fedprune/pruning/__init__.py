@@ -25,6 +25,8 @@ from .budget import check_ratio
 log = logging.getLogger(__name__)
 
 PRUNERS: Registry[Callable[..., dict[str, Any]]] = Registry("pruning method")
+PRUNER_OPTIONS: Registry[type] = Registry("pruning method's options")
+"""method name -> its options dataclass (unknown keys are refused by name, before any work)"""
 
 
 @dataclass
@@ -51,9 +53,10 @@ def _register_builtin() -> None:
     from .methods.comp import CompOptions, comp_prune
 
     def comp(adapter, ids, ratio, **options):
-        return comp_prune(adapter, ids, ratio, CompOptions(**options))
+        return comp_prune(adapter, ids, ratio, method_options("comp", options))
 
     PRUNERS.register("comp", comp)
+    PRUNER_OPTIONS.register("comp", CompOptions)
     try:
         from .methods import peers  # noqa: F401  (registers the peer methods)
     except ImportError:  # pragma: no cover
@@ -63,6 +66,16 @@ def _register_builtin() -> None:
 def available_methods() -> list[str]:
     _register_builtin()
     return PRUNERS.names()
+
+
+def method_options(method: str, options: dict[str, Any]) -> Any:
+    """``options`` as ``method``'s options dataclass; an unknown method or option key, or a
+    value out of range, raises naming it (and the known ones), before anything is loaded."""
+    from ..options import build_options
+
+    _register_builtin()
+    PRUNERS.get(method)  # unknown method: KeyError with the known names
+    return build_options(PRUNER_OPTIONS.get(method), options, f"pruning method {method!r}")
 
 
 def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:
@@ -88,7 +101,12 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
     _register_builtin()
     ratio = check_ratio(ratio)
     fn = PRUNERS.get(method)
+    method_options(method, options)
     adapter = get_adapter(model)
+    if calib_ids is None:
+        from ..models.loading import check_context
+
+        check_context(model.config, seq_len, "seq_len")
     if calib_ids is None:
         calib_ids = get_calibration(tokenizer, calibration, nsamples, seq_len, seed, data_dir)
     release_free_memory()  # tokenizing the corpus leaves freed heap behind: not the pruner's memory
@@ -129,4 +147,4 @@ def _peak_rss(proc: psutil.Process) -> int:
     return proc.memory_info().rss
 
 
-__all__ = ["PRUNERS", "PruneResult", "prune", "available_methods"]
+__all__ = ["PRUNERS", "PRUNER_OPTIONS", "PruneResult", "prune", "available_methods", "method_options"]

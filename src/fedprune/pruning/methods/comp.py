@@ -34,6 +34,7 @@ from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll,
 from ..selection import choose_heads, heads_removed
 from ..mask_tuning import fold_column_scales, solve_mask
 from ..stats import GramAccumulator, flat_tokens, linear_bias
+from ...options import require_int, require_number
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,15 @@ class CompOptions:
         NEURON_CRITERIA.get(self.neuron_metric)  # raises with the known names
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        require_int("batch_size", self.batch_size, 1)
+        if self.n_layers is not None:
+            require_int("n_layers", self.n_layers, 0)
+        if self.head_sparsity is not None:
+            require_number("head_sparsity", self.head_sparsity, 0.0, 1.0, high_open=True)
+        require_number("damp", self.damp, 0.0)
+        require_int("auto_nsamples", self.auto_nsamples, 1)
+        for c in self.auto_candidates:
+            require_number("auto_candidates[]", c, 0.0, 1.0)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ sleb        SLEB (Song et al., 2024): remove blocks one at a time, each time the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,13 +31,62 @@ from tqdm.auto import tqdm
 
 from ...adapters import DecoderAdapter
 from ...adapters.base import head_rows
-from .. import PRUNERS
+from ...options import build_options, require_int
+from .. import PRUNER_OPTIONS, PRUNERS
 from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets, \
     query_head_cost, channel_cost, kv_head_cost
 from ..layerwise import capture_layer0_inputs, hooks, run_layer
 from ..selection import apply_scores, choose_heads
 from ..stats import flat_tokens
 from .comp import block_influence_scores, sleb_removal
+
+
+# ---- options: one dataclass per method; an unknown key is refused by name ----------------
+@dataclass
+class MagnitudeOptions:
+    """magnitude takes no options (no calibration pass)."""
+
+
+@dataclass
+class BatchOptions:
+    """Options of the methods whose only knob is the calibration batch."""
+
+    batch_size: int = 8
+    """calibration samples per forward pass"""
+
+    def __post_init__(self):
+        require_int("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class FlapOptions(BatchOptions):
+    """FLAP's options."""
+
+    bias_compensation: bool = True
+    """add the removed columns' mean contribution to the output bias"""
+
+
+@dataclass
+class LlmPrunerOptions(BatchOptions):
+    """LLM-Pruner's options: only layers ``first_layer .. L - last_layer_offset - 1`` are pruned."""
+
+    batch_size: int = 4
+    first_layer: int = 4
+    last_layer_offset: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_int("first_layer", self.first_layer, 0)
+        require_int("last_layer_offset", self.last_layer_offset, 0)
+
+
+def _options(name: str, options: dict[str, Any]):
+    return build_options(PRUNER_OPTIONS.get(name), options, f"pruning method {name!r}")
+
+
+for _name, _cls in (("magnitude", MagnitudeOptions), ("wanda_sp", BatchOptions), ("flap", FlapOptions),
+                    ("llm_pruner", LlmPrunerOptions), ("shortgpt", BatchOptions), ("sleb", BatchOptions)):
+    PRUNER_OPTIONS.register(_name, _cls)
 
 
 # ---- activation statistics (one dense pass, one layer at a time) -------------------
@@ -98,16 +148,18 @@ def _uniform(adapter: DecoderAdapter, ratio: float, score_fn) -> dict[str, Any]:
 
 
 @PRUNERS.register("magnitude")
-def magnitude(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **_: Any) -> dict[str, Any]:
+def magnitude(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    _options("magnitude", options)
     check_ratio(ratio)
     return _uniform(adapter, ratio, lambda i: magnitude_scores(adapter, adapter.layers[i]))
 
 
 # ---- Wanda-sp ---------------------------------------------------------------------------
 @PRUNERS.register("wanda_sp")
-def wanda_sp(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, batch_size: int = 8, **_: Any) -> dict[str, Any]:
+def wanda_sp(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    opts = _options("wanda_sp", options)
     check_ratio(ratio)
-    mom = activation_moments(adapter, ids, batch_size)
+    mom = activation_moments(adapter, ids, opts.batch_size)
     hd = adapter.head_dim
 
     def score(i):
@@ -127,10 +179,11 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
 
 
 @PRUNERS.register("flap")
-def flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, batch_size: int = 8,
-         bias_compensation: bool = True, **_: Any) -> dict[str, Any]:
+def flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    opts = _options("flap", options)
+    bias_compensation = opts.bias_compensation
     check_ratio(ratio)
-    mom = activation_moments(adapter, ids, batch_size)
+    mom = activation_moments(adapter, ids, opts.batch_size)
     hd = adapter.head_dim
     budget = ratio * adapter.num_parameters()
     # Candidate units: (std score, cost, layer, kind, index-list). Heads go in GQA "slots":
@@ -265,10 +318,11 @@ def taylor_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 
 
 
 @PRUNERS.register("llm_pruner")
-def llm_pruner(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, batch_size: int = 4,
-               first_layer: int = 4, last_layer_offset: int = 2, **_: Any) -> dict[str, Any]:
+def llm_pruner(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    opts = _options("llm_pruner", options)
+    first_layer, last_layer_offset = opts.first_layer, opts.last_layer_offset
     check_ratio(ratio)
-    scores = taylor_scores(adapter, ids, batch_size)
+    scores = taylor_scores(adapter, ids, opts.batch_size)
     n = adapter.num_layers
     layer_ids = list(range(min(first_layer, n - 1), max(n - last_layer_offset, min(first_layer, n - 1) + 1)))
     targets = neuron_targets(adapter, layer_ids, int(ratio * adapter.num_parameters()))
@@ -289,19 +343,21 @@ def _n_layers(adapter: DecoderAdapter, ratio: float) -> int:
 
 
 @PRUNERS.register("shortgpt")
-def shortgpt(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, batch_size: int = 8, **_: Any) -> dict[str, Any]:
+def shortgpt(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    opts = _options("shortgpt", options)
     check_ratio(ratio)
     n = _n_layers(adapter, ratio)
-    bi = block_influence_scores(adapter, ids, batch_size)
+    bi = block_influence_scores(adapter, ids, opts.batch_size)
     drop = sorted(int(i) for i in torch.argsort(torch.tensor(bi))[:n])
     adapter.remove_layers(drop)
     return {"removed_layers": drop, "block_influence": bi}
 
 
 @PRUNERS.register("sleb")
-def sleb(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, batch_size: int = 8, **_: Any) -> dict[str, Any]:
+def sleb(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, **options: Any) -> dict[str, Any]:
+    opts = _options("sleb", options)
     check_ratio(ratio)
     n = _n_layers(adapter, ratio)
-    drop = sleb_removal(adapter, ids, n, batch_size)
+    drop = sleb_removal(adapter, ids, n, opts.batch_size)
     adapter.remove_layers(drop)
     return {"removed_layers": drop}
