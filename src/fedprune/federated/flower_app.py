@@ -48,6 +48,7 @@ from .client import ClientResult, ClientTask, train_client
 from .config import FederatedConfig, load_config
 from .devices import parse_fleet
 from .strategies import ClientInfo, make_strategy
+from .robust import aggregate_round
 from .validation import update_problem
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,13 @@ def client_train(msg: Message, context: Context) -> Message:
 
 # ---- server side ---------------------------------------------------------------------------------
 def _result_from_reply(reply: Message) -> ClientResult:
+    """The client's result as sent: masks keep their wire dtype so that ``update_problem`` sees a
+    mask value other than 0/1 (``_nested_masks`` would turn it into True)."""
     m = reply.content["metrics"]
-    masks = _nested_masks(_tensors(reply.content.array_records.get("masks")))
+    masks: dict[str, dict[int, torch.Tensor]] = {}
+    for k, t in _tensors(reply.content.array_records.get("masks")).items():
+        key, d = k.rsplit("|", 1)
+        masks.setdefault(key, {})[int(d)] = t
     metrics = {k: float(v) for k, v in m.items()}
     return ClientResult(int(m["cid"]), int(m["round"]), int(m["rank"]), _tensors(reply.content["lora"]), masks,
                         int(m["num-examples"]), metrics)
@@ -306,14 +312,19 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
             if um:
                 content["unit_masks"] = _arrays(um)
             msgs.append(Message(content, dst_node_id=node_of[cid], message_type=MessageType.TRAIN))
-        accepted, bytes_up = [], 0
+        accepted, bytes_up, ok_recs = [], 0, {}
         bytes_down = sum(t.download_bytes() for t in tasks.values())
         for rep in grid.send_and_receive(msgs, timeout=timeout):
             rec = {"round": r, "node": rep.metadata.src_node_id}
             if rep.has_error():
                 atomic.append_jsonl(run_dir / "clients.jsonl", {**rec, "status": "error", "reason": rep.error.reason})
                 continue
-            res = _result_from_reply(rep)
+            try:
+                res = _result_from_reply(rep)
+            except (KeyError, ValueError, TypeError, OverflowError) as exc:  # e.g. num-examples NaN
+                atomic.append_jsonl(run_dir / "clients.jsonl", {**rec, "status": "rejected",
+                                                                 "reason": f"malformed reply: {exc!r}"})
+                continue
             # a real deployment has no simulated clock: the device's completion time is the
             # training wall time it reports (FedSpine's reward reads it)
             res.metrics.setdefault("time_s", float(res.metrics.get("wall_s", 0.0)))
@@ -326,13 +337,19 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
                 log.warning("round %d: rejected the update of client %d: %s", r, res.cid, problem)
                 atomic.append_jsonl(run_dir / "clients.jsonl", {**rec, "status": "rejected", "reason": problem})
                 continue
+            res.masks = {k: {d: m.bool() for d, m in dims.items()} for k, dims in res.masks.items()}
             accepted.append(res)
-            atomic.append_jsonl(run_dir / "clients.jsonl", {**rec, "status": "ok"})
+            ok_recs[res.cid] = {**rec, "status": "ok"}
         if not accepted:
             raise RuntimeError(f"round {r}: every selected client failed; the global model was not updated "
                                f"(see {run_dir / 'clients.jsonl'})")
         accepted.sort(key=lambda x: x.cid)  # aggregation order must not depend on arrival order
-        global_ = strategy.aggregate_train(r, accepted, global_)
+        # the same capping, clipping and averaging as the simulator; registered = sizes declared at the query
+        global_, robust_diag = aggregate_round(strategy, r, accepted, tasks, global_, fed,
+                                               {c.cid: c.num_examples for c in infos})
+        for d in robust_diag:
+            atomic.append_jsonl(run_dir / "clients.jsonl", {**ok_recs[d["cid"]],
+                                                             **{k: v for k, v in d.items() if k != "cid"}})
         base.set_base_delta(global_.base_delta)
         m = {"round": r, **evaluate(), "clients_ok": len(accepted), "clients_selected": len(tasks),
              "train_loss": sum(x.metrics["train_loss_last"] for x in accepted) / len(accepted),

@@ -33,6 +33,7 @@ from .evaluation import evaluate_global
 from .lora import SharedBaseModel
 from .partition import build_partitions, load_test_set, tokenize_example
 from .strategies import ClientInfo, GlobalModel, make_strategy
+from .robust import aggregate_round
 from .validation import update_problem
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,13 @@ class Simulation:
                 "Check the client log, relax federation.deadline_s / max_update_norm, or resume with --resume."
             )
         ta = time.perf_counter()
-        self.global_ = self.strategy.aggregate_train(r, accepted, self.global_)
+        # capped weights (the server knows each partition's size), clipped updates, robust average
+        self.global_, robust_diag = aggregate_round(self.strategy, r, accepted, {t.cid: t for t in tasks},
+                                                    self.global_, fed, {c.cid: c.num_examples for c in self.clients})
+        by_cid = {d["cid"]: d for d in robust_diag}
+        for rec in records:
+            if rec["status"] == "ok":
+                rec.update({k: v for k, v in by_cid[rec["cid"]].items() if k != "cid"})
         self.base.set_base_delta(self.global_.base_delta)
         server_s += time.perf_counter() - ta
         sim_round = fed.deadline_s if (cut_short and fed.deadline_s) else max(times)
