@@ -4,7 +4,7 @@ import torch
 
 from fedprune.federated.aggregators import (
     AGGREGATORS, compact, count_average, fedavg, flexlora_aggregate, flexlora_distribute, flexlora_factor,
-    coordinate_reduce, flora_stack, hetlora_aggregate, lora_delta, pad_rank, robust_average, robust_count_average,
+    coordinate_reduce, flexlora_robust, flora_stack, hetlora_aggregate, lora_delta, pad_rank, robust_average, robust_count_average,
     scatter_to_full, truncate_rank,
 )
 
@@ -148,3 +148,13 @@ def test_robust_average_mean_is_fedavg_and_count_variant_keeps_unheld():
     out = robust_count_average(states, masks, prev, method="median")
     # row 0 held by all three [1, 3, 4] -> 3; row 1 by two [2, 50] -> 26; row 2 by nobody -> previous 9
     assert out["l0.B"].flatten().tolist() == [3.0, 26.0, 9.0]
+
+
+def test_flexlora_median_of_full_size_updates():
+    alpha = 2.0
+    s1 = pair([[1.0, 0.0]], [[1.0], [0.0]])    # (2/1) * [[1,0],[0,0]] = [[2,0],[0,0]]
+    s2 = pair([[0.0, 1.0]], [[0.0], [1.0]])    # [[0,0],[0,2]]
+    s3 = pair([[1.0, 1.0]], [[50.0], [50.0]])  # [[100,100],[100,100]]
+    med = flexlora_robust([s1, s2, s3], alpha, "median")["m"]
+    assert med.tolist() == [[2.0, 0.0], [0.0, 2.0]]
+    assert torch.equal(flexlora_robust([s1, s2, s3], alpha, "trimmed_mean", 0.4)["m"], med)  # floor(1.2) = 1 per end

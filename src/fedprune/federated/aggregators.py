@@ -131,6 +131,19 @@ def flexlora_aggregate(states: Sequence[State], weights: Sequence[float], alpha:
     return out
 
 
+def flexlora_robust(states: Sequence[State], alpha: float, method: str, trim_ratio: float = 0.0) -> dict[str, Tensor]:
+    """FlexLoRA with a coordinate-wise median / trimmed mean of the clients' full-size updates
+    ``(alpha / r_k) B_k A_k`` in place of their weighted average (ranks may differ)."""
+    if not states:
+        raise ValueError("flexlora needs at least one client state")
+    out = {}
+    for m in lora_modules(states[0]):
+        per = torch.stack([(alpha / s[m + A_SUFFIX].shape[0]) * (s[m + B_SUFFIX].double() @ s[m + A_SUFFIX].double())
+                           for s in states])
+        out[m] = coordinate_reduce(per, None, method, trim_ratio).to(states[0][m + A_SUFFIX].dtype)
+    return out
+
+
 def flexlora_factor(dW: Tensor, rank: int, alpha: float) -> tuple[Tensor, Tensor]:
     """Best rank-``rank`` LoRA pair for ``dW`` under scaling ``alpha / rank`` (truncated SVD).
 

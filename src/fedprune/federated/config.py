@@ -90,7 +90,7 @@ class FederationSettings:
     """clip each client's update to this absolute Frobenius norm; 0 = off"""
     aggregation: str = "mean"
     """mean (weighted by the capped sizes), median or trimmed_mean (coordinate-wise, unweighted;
-    fedit and the fedpruner family)"""
+    fedit, flexlora and the fedpruner family)"""
     trim_ratio: float = 0.1
     """trimmed_mean: fraction of clients dropped at each end, per entry, in [0, 0.5)"""
     seed: int = 0

@@ -155,6 +155,7 @@ class FlexLoRA(LoraStrategy):
     client gets the truncated SVD at its own rank. The global is the full-space update per module."""
 
     name = "flexlora"
+    supports_robust_aggregation = True  # median / trimmed mean of the same-shaped full-size updates
 
     def init_global(self, shapes, seed):
         self.shapes = dict(shapes)
@@ -168,7 +169,10 @@ class FlexLoRA(LoraStrategy):
         return agg.flexlora_distribute(global_.tensors, r, self.lora.alpha)
 
     def aggregate_train(self, round_idx, results, global_):
-        dW = agg.flexlora_aggregate([r.lora for r in results], [r.num_examples for r in results], self.lora.alpha)
+        if self.aggregation == "mean":
+            dW = agg.flexlora_aggregate([r.lora for r in results], [r.num_examples for r in results], self.lora.alpha)
+        else:
+            dW = agg.flexlora_robust([r.lora for r in results], self.lora.alpha, self.aggregation, self.trim_ratio)
         return GlobalModel(dW, global_.base_delta, dict(global_.meta, aggregated=True))
 
     def eval_delta(self, global_):
