@@ -1,7 +1,13 @@
-"""``fedprune eval``: perplexity and zero-shot accuracy, printed as a table and written as JSON."""
+"""``fedprune eval``: perplexity and zero-shot accuracy, printed as a table and written as JSON.
+
+``--output OUT`` is written once, atomically, when every task is done, with ``"complete": true``.
+While running, the results so far go to ``OUT.partial`` with ``"complete": false`` (and, if the run
+fails, ``"error"``), so a failed run never replaces a previous complete ``OUT`` with a partial one.
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..options import int_at_least, positive_int
 
@@ -20,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default: $FEDPRUNE_DATA or ../shared/data)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--output", default=None, help="write the results JSON here (atomically)")
+    p.add_argument("--output", default=None,
+                   help="write the results JSON here when every task is done (progress goes to OUTPUT.partial)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 OPTION_NAMES = {"seq_len": "--seq-len", "limit": "--limit", "batch_size": "--batch-size",
@@ -58,21 +66,63 @@ def results_table(result: dict):
     return t
 
 
+def partial_path(output: str | Path) -> Path:
+    """Where an evaluation writes its progress: next to ``output``, which only a finished run writes."""
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+class _ProgressWriter:
+    """Writes each task's progress to ``OUTPUT.partial`` (``"complete": false``), the finished result to
+    ``OUTPUT`` (``"complete": true``). A failed run never touches ``OUTPUT`` (a previous complete result
+    stays), and leaves its partial result with the error for inspection."""
+
+    def __init__(self, output: str | None):
+        self.output = Path(output) if output else None
+        self.last: dict | None = None
+
+    def progress(self, result: dict) -> None:
+        from .. import atomic
+
+        self.last = result
+        atomic.write_json(partial_path(self.output), {"complete": False, **result})
+
+    def failed(self, exc: BaseException) -> None:
+        from .. import atomic
+
+        if self.output is not None and self.last is not None:
+            atomic.write_json(partial_path(self.output),
+                              {"complete": False, "error": f"{type(exc).__name__}: {exc}", **self.last})
+
+    def done(self, result: dict) -> None:
+        from .. import atomic
+
+        atomic.write_json(self.output, {"complete": True, **result})
+        partial_path(self.output).unlink(missing_ok=True)
+
+
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import atomic, load_model, load_tokenizer
+    from .. import load_model, load_tokenizer
     from ..evaluate import evaluate, parse_tasks
+    from ..outputs import check_file_output
 
     tasks = parse_tasks(args.tasks)  # fail on a typo before loading the model
     _check_settings(args, tasks)  # and on a window longer than the model's context
+    if args.output:  # and on an output that cannot or must not be written
+        check_file_output(args.output, args.overwrite)
+    writer = _ProgressWriter(args.output)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    result = evaluate(model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit,
-                      batch_size=args.batch_size, data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size,
-                      name=str(args.model),
-                      on_result=(lambda r: atomic.write_json(args.output, r)) if args.output else None)
+    try:
+        result = evaluate(model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit,
+                          batch_size=args.batch_size, data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size,
+                          name=str(args.model), on_result=writer.progress if args.output else None)
+    except BaseException as exc:
+        writer.failed(exc)
+        raise
     Console().print(results_table(result))
     if args.output:
-        atomic.write_json(args.output, result)
+        writer.done(result)
     return 0

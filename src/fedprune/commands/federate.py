@@ -2,6 +2,9 @@
 
     fedprune federate --config configs/federated/fedit.yaml train.local_steps=5 --output runs/fedit
     fedprune federate --resume runs/fedit            # continue after an interruption
+    fedprune federate --resume runs/fedit federation.rounds=10   # extend it (rounds and eval.* may change)
+
+One process at a time writes a run directory (a second one is refused, naming the first).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ def run(args) -> int:
     import torch
 
     from ..federated.config import load_config
+    from ..federated.run_state import check_resume
     from ..federated.simulation import run_federated
+    from ..outputs import check_run_output, check_run_to_resume, run_lock
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -32,22 +37,22 @@ def run(args) -> int:
         run_dir = Path(args.resume)
         if args.output and Path(args.output) != run_dir:
             raise ValueError("--resume continues a run in place; drop --output or give the same directory")
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a fedprune run directory")
-        # overrides may extend a run (federation.rounds=10); the resolved config is rewritten
-        cfg = load_config(cfg_path, args.overrides)
-        from .. import atomic
-        from ..federated.config import dump_config
-
-        atomic.write_text(cfg_path, dump_config(cfg))
-        run_federated(cfg, run_dir, resume=True)
+        check_run_to_resume(run_dir)
+        with run_lock(run_dir):
+            # overrides may extend a run (federation.rounds=10) or change eval.*; anything else is refused,
+            # and the checkpoint is validated, before the model is loaded or anything is written
+            cfg = load_config(run_dir / "config.yaml", args.overrides)
+            check_resume(run_dir, cfg)
+            run_federated(cfg, run_dir, resume=True)
     else:
         if not args.config and not args.overrides:
             raise ValueError("give --config configs/federated/<name>.yaml (and/or overrides), or --resume RUN_DIR")
         if not args.output:
             raise ValueError("give --output RUN_DIR")
+        check_run_output(args.output)  # a new run needs a missing or empty directory: fail before loading
         cfg = load_config(args.config, args.overrides)
-        run_federated(cfg, args.output)
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        with run_lock(args.output):
+            run_federated(cfg, args.output)
     print(f"run directory: {args.resume or args.output}  (summarise with: fedprune report {args.resume or args.output})")
     return 0

@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mask-tuning", action="store_true", help="COMP: skip mask tuning")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option, e.g. -o head_sparsity=0 -o batch_size=4")
-    p.add_argument("--output", required=True, help="directory for the pruned model")
+    p.add_argument("--output", required=True, help="directory for the pruned model (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what is at --output (never the current directory, its parents or a home)")
 
 
 COMP_FLAGS = {"layer_fraction": "--layer-fraction", "neuron_metric": "--neuron-metric",
@@ -84,14 +86,17 @@ def check_before_loading(args) -> dict:
 
 def run(args) -> int:
     from .. import load_model, load_tokenizer
+    from ..outputs import check_model_output, model_output_lock
     from ..pruning import prune
 
     check_before_loading(args)  # options, corpus and --seq-len: before loading anything
-    model = load_model(args.model, dtype=args.dtype)
-    tok = load_tokenizer(args.model)
-    res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration, nsamples=args.nsamples,
-                seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir, output=args.output,
-                **options_from_args(args))
+    check_model_output(args.output, args.overwrite)  # before loading anything
+    with model_output_lock(args.output):  # a second prune into the same output fails now, naming this one
+        model = load_model(args.model, dtype=args.dtype)
+        tok = load_tokenizer(args.model)
+        res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration,
+                    nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir,
+                    output=args.output, overwrite=args.overwrite, **options_from_args(args))
     s = res.summary()
     print(json.dumps({k: s[k] for k in ("method", "ratio", "achieved_ratio", "params_before", "params_after",
                                          "wall_time_s", "peak_rss_bytes")}, indent=2))

@@ -179,18 +179,21 @@ DEVICE_STATE = "fedprune-device-state"
 def _device_state(context: Context) -> dict | None:
     """What this device kept from its last round (AdamW moments, FedSpine's importance averages):
     it stays on the device, in the node's run state, as the simulator keeps it per client."""
+    from .run_state import load_plain
+
     rec = context.state.config_records.get(DEVICE_STATE)
     if rec is None:
         return None
-    return torch.load(io.BytesIO(rec["torch"]), weights_only=False)
+    # tensors and plain values only: a node's state must not be able to run code when read back
+    return load_plain(bytes(rec["torch"]), "this node's saved device state")
 
 
 def _store_device_state(context: Context, keep: dict | None) -> None:
     if keep is None:
         return
-    buf = io.BytesIO()
-    torch.save(keep, buf)
-    context.state[DEVICE_STATE] = ConfigRecord({"torch": buf.getvalue()})
+    from .run_state import torch_bytes
+
+    context.state[DEVICE_STATE] = ConfigRecord({"torch": torch_bytes(keep)})
 
 
 @client_app.train()

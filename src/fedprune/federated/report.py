@@ -1,7 +1,6 @@
 """Summaries of a federated run directory: a markdown report and plots."""
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -9,9 +8,9 @@ from .. import atomic
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """Records of a run's JSON Lines log: a torn last line (a crash mid-write) is skipped, any other
+    malformed line is an error naming the file and line (:func:`fedprune.atomic.read_jsonl`)."""
+    return atomic.read_jsonl(path)
 
 
 def _fmt(v, nd=4):

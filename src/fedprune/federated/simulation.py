@@ -10,12 +10,15 @@ Run directory:
 - ``checkpoint.pt``   server state after the last completed round (global LoRA, merged base
                       delta, per-client optimiser states, counters);
 - ``metrics.jsonl``   one line per round (round 0 = the base model before training);
-- ``clients.jsonl``   one line per selected client per round (device, status, times, bytes).
+- ``clients.jsonl``   one line per selected client per round (device, status, times, bytes);
+- ``resumes.jsonl``   one line per resume (after which round, which settings changed);
+- ``.fedprune.lock``  while a run is writing: its pid and host (a second writer is refused).
+
+A new run needs a missing or empty directory; ``--resume`` validates the checkpoint against the
+config before it writes anything (``run_state``).
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import resource
 import time
@@ -32,14 +35,12 @@ from .devices import draws_dropout, parse_fleet, simulated_time
 from .evaluation import evaluate_global
 from .lora import SharedBaseModel
 from .partition import build_partitions, load_test_set, tokenize_example
+from .run_state import CHECKPOINT, CHECKPOINT_FORMAT, check_resume, commit_resume, torch_bytes
 from .strategies import ClientInfo, GlobalModel, make_strategy
 from .robust import aggregate_round
 from .validation import update_problem
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "fedprune-fedstate/1"
 
 
 class RoundFailed(RuntimeError):
@@ -119,7 +120,7 @@ class Simulation:
         g = self.global_
         return {"format": CHECKPOINT_FORMAT, "round": self.round, "tensors": g.tensors, "base_delta": g.base_delta,
                 "meta": g.meta, "opt_states": self.opt_states, "totals": dict(self.totals),
-                "strategy": self.cfg.federation.strategy}
+                "strategy": self.cfg.federation.strategy, "config": self.cfg.to_dict()}
 
     def load_state_dict(self, st: dict) -> None:
         if st.get("format") != CHECKPOINT_FORMAT:
@@ -133,23 +134,17 @@ class Simulation:
         self.totals = st["totals"]
 
     def save_checkpoint(self) -> None:
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        atomic.write_bytes(self.run_dir / CHECKPOINT, buf.getvalue())
+        atomic.write_bytes(self.run_dir / CHECKPOINT, torch_bytes(self.state_dict()))
 
     def resume(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"no {CHECKPOINT} in {self.run_dir}: nothing to resume")
-        self.load_state_dict(torch.load(path, weights_only=False))
-        # drop log lines of a round that was logged but not checkpointed
-        for name in ("metrics.jsonl", "clients.jsonl"):
-            p = self.run_dir / name
-            if p.exists():
-                lines = [ln for ln in p.read_text().splitlines() if ln.strip()
-                         and json.loads(ln).get("round", 0) <= self.round]
-                atomic.write_text(p, "".join(ln + "\n" for ln in lines))
-        log.info("resumed %s after round %d", self.run_dir, self.round)
+        """Continue from the checkpoint: validated against the config before anything is written
+        (``run_state.check_resume``), then the logs are cut back to its round and the accepted
+        setting changes recorded."""
+        state, changes = check_resume(self.run_dir, self.cfg)
+        self.load_state_dict(state)
+        commit_resume(self.run_dir, self.cfg, self.round, changes)
+        log.info("resumed %s after round %d%s", self.run_dir, self.round,
+                 f" with {', '.join(f'{k}={v[1]!r}' for k, v in changes.items())}" if changes else "")
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -165,12 +160,21 @@ class Simulation:
         """Run (or continue) the federation; ``stop_after`` ends early after that round (as an
         interruption would). ``initial_metrics`` replaces the round-0 evaluation of the base model
         (benchmarks reuse it across methods evaluated with the same settings)."""
+        from ..outputs import check_run_output, check_run_to_resume, run_lock
+
+        # a new run needs a missing or empty directory; the run holds the directory's lock throughout
+        check_run_to_resume(self.run_dir) if resume else check_run_output(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir):
+            return self._run_locked(resume, stop_after, initial_metrics)
+
+    def _run_locked(self, resume: bool, stop_after: int | None, initial_metrics: dict | None) -> GlobalModel:
+        from ..outputs import check_run_output
+
         if resume:
             self.resume()
         else:
-            if (self.run_dir / CHECKPOINT).exists():
-                raise ValueError(f"{self.run_dir} already holds a run; use --resume or another --output")
+            check_run_output(self.run_dir)  # again, under the lock: another run may have started meanwhile
             atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self.base.set_base_delta(self.global_.base_delta)
             m = {"round": 0, **(initial_metrics or self.evaluate()), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,

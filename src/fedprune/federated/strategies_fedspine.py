@@ -299,7 +299,7 @@ class FedSpine(LoraStrategy):
         from .. import save_model
         from ..fedspine.device import model_sparsity
 
-        save_model(model, path, tokenizer=tokenizer, extra=extra)
+        save_model(model, path, tokenizer=tokenizer, extra=extra, overwrite=True)  # its own run's outputs
         n = sum(p.numel() for p in model.parameters())
         rel = f"{path.parent.name}/{path.name}" if path.parent.name == "devices" else path.name
         return {"path": rel, "params": n, "sparsity": model_sparsity(adapter, hm, cm)}

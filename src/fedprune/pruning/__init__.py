@@ -90,17 +90,32 @@ def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: i
 def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, calibration: str = "c4",
           nsamples: int = 128, seq_len: int = 512, seed: int = 0, calib_ids: torch.Tensor | None = None,
           data_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
-          **options) -> PruneResult:
+          overwrite: bool = False, **options) -> PruneResult:
     """Prune ``model`` in place with ``method`` to remove ``ratio`` of its parameters.
 
     Calibration: ``calib_ids`` (``[N, L]`` token ids) if given, else ``nsamples`` windows of
     ``seq_len`` tokens drawn with ``seed`` from ``calibration`` (needs ``tokenizer``).
     ``options`` go to the method (e.g. ``layer_fraction=0.25, neuron_metric="mask_lsq"`` for COMP).
-    If ``output`` is given, the pruned model (and tokenizer) is saved there with its plan.
+    If ``output`` is given, the pruned model (and tokenizer) is saved there with its plan; the
+    output is checked (and locked against a concurrent writer) before any pruning, and what is
+    already there is replaced only with ``overwrite=True`` (rules: :mod:`fedprune.outputs`).
     """
     _register_builtin()
     ratio = check_ratio(ratio)
     fn = PRUNERS.get(method)
+    if output is None:
+        return _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids,
+                      data_dir, None, False, options)
+    from ..outputs import check_model_output, model_output_lock
+
+    check_model_output(output, overwrite)  # a refused output costs no calibration or pruning
+    with model_output_lock(output):
+        return _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids,
+                      data_dir, output, overwrite, options)
+
+
+def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids, data_dir,
+           output, overwrite, options) -> PruneResult:
     method_options(method, options)
     adapter = get_adapter(model)
     if calib_ids is None:
@@ -127,7 +142,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
     if output is not None:
         from ..models import save_model
 
-        save_model(model, output, tokenizer=tokenizer,
+        save_model(model, output, tokenizer=tokenizer, overwrite=overwrite,
                    extra={"pruning": {k: v for k, v in result.summary().items() if k != "report"},
                           "calibration": {"corpus": calibration,
                                           "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
