@@ -8,6 +8,7 @@ session (the SuperLink's SuperExec, the ServerApp and ClientApp processes).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -115,33 +116,29 @@ class Loopback:
         return final
 
     def close(self) -> None:
-        """SIGTERM every launched process and its descendants, SIGKILL what is left after 20 s."""
+        """SIGTERM every launched process still running and its descendants, SIGKILL what is left after 20 s.
+
+        A process that already exited (and was reaped) is skipped: its pid may belong to someone else now.
+        """
+        running = [p for p in self.procs.values() if p.poll() is None]
         victims: list[psutil.Process] = []
-        for p in self.procs.values():
+        for p in running:
             try:
                 victims += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGTERM)  # the group: whatever did not detach
-            except (ProcessLookupError, PermissionError):
-                pass
         for v in victims:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 v.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(victims, timeout=20)
         for v in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 v.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for p in self.procs.values():
-            try:
+        for p in running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             p.wait(timeout=10)
 
 
