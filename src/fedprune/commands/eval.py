@@ -42,7 +42,7 @@ def _check_settings(args, tasks: list[str]) -> None:
     from ..models.loading import load_model_config
 
     check_eval_args(tasks, args.seq_len, args.limit, args.batch_size, args.ppl_batch_size,
-                    load_model_config(args.model), OPTION_NAMES)
+                    load_model_config(args.model), OPTION_NAMES, str(args.model))
 
 
 def results_table(result: dict):

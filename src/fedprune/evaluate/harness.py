@@ -40,7 +40,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
 
 
 def check_eval_args(tasks: list[str], seq_len: int, limit: int | None, batch_size: int, ppl_batch_size: int,
-                    config=None, option_names: dict[str, str] | None = None) -> None:
+                    config=None, option_names: dict[str, str] | None = None, model: str | None = None) -> None:
     """Refuse settings out of range before any task runs (the CLI calls this with the model's
     config before loading its weights). ``seq_len`` matters only when a perplexity task is
     asked for, and must then fit the model's context; ``option_names`` maps the argument
@@ -58,7 +58,7 @@ def check_eval_args(tasks: list[str], seq_len: int, limit: int | None, batch_siz
         if config is not None:
             from ..models.loading import check_context
 
-            check_context(config, seq_len, opt["seq_len"])
+            check_context(config, seq_len, opt["seq_len"], model)
 
 
 def reported_metric(task: str) -> str:

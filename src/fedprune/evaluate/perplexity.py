@@ -62,12 +62,12 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seq_len: int = 512, limit:
     runs, on positions it never saw, and the figure means nothing.
     """
     check_perplexity_args(seq_len, limit, batch_size)
+    wins = windows(tokens, seq_len, limit)
     config = getattr(model, "config", None)
     if config is not None:
         from ..models.loading import check_context
 
         check_context(config, seq_len, "seq_len")
-    wins = windows(tokens, seq_len, limit)
     total = torch.zeros((), dtype=torch.float64)
     for start in tqdm(range(0, wins.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         total += window_nll(model, wins[start:start + batch_size]).sum()

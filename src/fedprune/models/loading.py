@@ -121,10 +121,10 @@ def looks_like_path(spec: str) -> bool:
     return "/" in spec and Path(head).is_dir()
 
 
-def _missing_path_error(p: Path) -> FileNotFoundError:
+def _missing_path_error(p: Path, typed: str | None = None) -> FileNotFoundError:
     import difflib
 
-    msg = f"model path not found: {p} (no such file or directory; a local path is never looked up on the hub)"
+    msg = f"model path not found: {typed or p} (no such file or directory; a local path is never looked up on the hub)"
     parent = p.parent
     if parent.is_dir():
         close = difflib.get_close_matches(p.name, [x.name for x in parent.iterdir()], n=3)
@@ -143,7 +143,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
     p = Path(s).expanduser()
     if s.endswith(".gguf"):
         if not p.is_file():
-            raise _missing_path_error(p)
+            raise _missing_path_error(p, s)
         return convert_gguf(p)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -153,7 +153,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
         raise ValueError(f"{p} is a file but not a .gguf file; give a model directory, a .gguf file or a known name "
                          f"({', '.join(KNOWN_MODELS)})")
     if isinstance(spec, os.PathLike) or looks_like_path(s):
-        raise _missing_path_error(p)
+        raise _missing_path_error(p, s)
     if s.count("/") == 1:
         return s  # a hub id
     raise FileNotFoundError(
@@ -215,7 +215,8 @@ def check_context(config, tokens: int, option: str = "--seq-len", model: str | N
 def _hub_error(spec: str, exc: Exception) -> RuntimeError:
     return RuntimeError(
         f"could not load {spec!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-        "If this machine is offline, download the model elsewhere and pass its local directory or a .gguf file."
+        "If this machine is offline, download the model elsewhere and pass its local directory or a .gguf file"
+        f" (no local directory {spec!r} exists either; write ./{spec} to mean a local path)."
     )
 
 
