@@ -241,6 +241,28 @@ def test_prune_unknown_calibration_corpus_is_refused_before_loading(model_dir, t
     assert "unknown dataset 'c5'" in err and "c4" in err
 
 
+def test_prune_unknown_method_is_refused_before_loading(model_dir, tmp_path, capsys, no_loading):
+    rc, err = run_cli(["prune", "--model", model_dir, "--method", "flapp", "--output", tmp_path / "o"], capsys)
+    assert rc == 1
+    assert "unknown pruning method 'flapp'; known: comp, flap, llm_pruner, magnitude, shortgpt, sleb, wanda_sp" in err
+
+
+@pytest.mark.parametrize("cmd", [["prune", "--output", "o", "--calibration", "text:{missing}"],
+                                 ["eval", "--tasks", "text:{missing}"]])
+def test_a_missing_text_corpus_is_refused_before_loading(model_dir, tmp_path, cmd, capsys, no_loading):
+    missing = tmp_path / "nope.txt"
+    rc, err = run_cli([cmd[0], "--model", model_dir, *(a.format(missing=missing) for a in cmd[1:])], capsys)
+    assert rc == 1
+    assert f"text file not found: {missing}" in err
+
+
+@pytest.mark.parametrize("cmd", [["prune", "--output", "o"], ["eval", "--tasks", "piqa"]])
+def test_a_missing_data_dir_is_refused_before_loading(model_dir, tmp_path, cmd, capsys, no_loading):
+    rc, err = run_cli([cmd[0], "--model", model_dir, *cmd[1:], "--data-dir", tmp_path / "nodata"], capsys)
+    assert rc == 1
+    assert f"--data-dir {tmp_path / 'nodata'}: no such directory" in err
+
+
 def test_valid_peer_options_still_prune(model_dir, corpus, tmp_path, capsys):
     """The checks accept what is right: typed -o values reach the method and the model is pruned."""
     out = tmp_path / "o"

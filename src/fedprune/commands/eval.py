@@ -38,9 +38,11 @@ OPTION_NAMES = {"seq_len": "--seq-len", "limit": "--limit", "batch_size": "--bat
 def _check_settings(args, tasks: list[str]) -> None:
     """Ranges of the numeric options, and --seq-len against the context in the model's config
     (read without the weights)."""
+    from ..data.catalog import check_data_dir
     from ..evaluate.harness import check_eval_args
     from ..models.loading import load_model_config
 
+    check_data_dir(args.data_dir)
     check_eval_args(tasks, args.seq_len, args.limit, args.batch_size, args.ppl_batch_size,
                     load_model_config(args.model), OPTION_NAMES, str(args.model))
 

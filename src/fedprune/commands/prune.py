@@ -70,14 +70,19 @@ def check_before_loading(args) -> dict:
     the known ones), the calibration corpus, and --seq-len against the context in the model's config."""
     from ..data import get_dataset, is_text_dataset
     from ..data.calibration import calibration_corpus
+    from ..data.catalog import check_data_dir
+    from ..data.text import text_file
     from ..models.loading import check_context, load_model_config
     from ..pruning import method_options
 
     require_number("--ratio", args.ratio, 0.0, 1.0, low_open=True, high_open=True)
     opts = options_from_args(args)
     method_options(args.method, opts)
+    check_data_dir(args.data_dir)
     corpus = calibration_corpus(args.calibration, args.data_dir)
-    if not is_text_dataset(corpus):
+    if corpus.startswith("text:"):
+        text_file(corpus)
+    elif not is_text_dataset(corpus):
         get_dataset(corpus)  # unknown name: KeyError with the known ones
         raise ValueError(f"--calibration {args.calibration!r} is not a text corpus (e.g. c4, wikitext2, ptb, text:PATH)")
     check_context(load_model_config(args.model), args.seq_len, "--seq-len", str(args.model))

@@ -63,6 +63,12 @@ def resolve_root(data_dir: str | os.PathLike | None = None) -> Path:
     return _data_dir(data_dir)
 
 
+def check_data_dir(data_dir: str | os.PathLike | None, option: str = "--data-dir") -> None:
+    """A data directory given explicitly must exist (else every dataset would be looked up on the hub)."""
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"{option} {data_dir}: no such directory")
+
+
 def missing_file_error(root: Path, relpath: str, hub: str | None, cause: Exception | None = None) -> FileNotFoundError:
     """An error that says exactly which file to put where (and what was tried online)."""
     where = root / relpath

@@ -109,13 +109,18 @@ def is_text_dataset(name: str) -> bool:
     return name in DATASETS and DATASETS.get(name).kind == "text"
 
 
+def text_file(name: str) -> Path:
+    """The file of a ``text:PATH`` spec; a missing one raises, naming it (checked before a model loads)."""
+    path = Path(name[len("text:"):]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path} (from dataset spec {name!r})")
+    return path
+
+
 def load_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
     """The text of corpus ``name`` (a registered text dataset or ``text:PATH``)."""
     if name.startswith("text:"):
-        path = Path(name[len("text:"):]).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path} (from dataset spec {name!r})")
-        return read_text(path)
+        return read_text(text_file(name))
     spec = get_dataset(name)
     if spec.kind != "text":
         raise ValueError(f"dataset {name!r} is a {spec.kind} dataset, not a text corpus")

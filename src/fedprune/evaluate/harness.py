@@ -34,7 +34,11 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     if not names:
         raise ValueError("no tasks given")
     for name in names:
-        if not is_text_dataset(name) and get_dataset(name).kind != "choice":
+        if name.startswith("text:"):
+            from ..data.text import text_file
+
+            text_file(name)  # a missing file fails now, not after the model has loaded
+        elif not is_text_dataset(name) and get_dataset(name).kind != "choice":
             raise ValueError(f"{name!r} is not an evaluation task (a text corpus or a zero-shot task)")
     return names
 
