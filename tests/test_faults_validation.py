@@ -308,6 +308,21 @@ def test_a_pruned_checkpoint_without_plan_json_says_so(pruned_dir, tmp_path, cap
     assert "mlp.gate_proj.weight (48, 64) vs (96, 64)" in err
 
 
+def test_weights_lacking_layers_the_config_describes_are_refused_not_randomly_filled(tmp_path, tok):
+    """transformers would load this with layers 2-3 randomly initialised (a warning only)."""
+    from fedprune.adapters import get_adapter
+
+    m = tiny_model("llama", vocab_size=len(tok))
+    get_adapter(m).remove_layers([1, 2])
+    d = fedprune.save_model(m, tmp_path / "short", tokenizer=tok)
+    (d / "plan.json").unlink()
+    assert fedprune.load_model(d).config.num_hidden_layers == 2  # the config says 2 layers: consistent, loads
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
+    with pytest.raises(ValueError, match=r"18 tensors config.json expects are absent .*plan.json .* is missing"):
+        fedprune.load_model(d)
+
+
 def test_a_checkpoint_without_tokenizer_files_names_the_directory(pruned_dir, tmp_path, corpus, capsys):
     broken = tmp_path / "notok"
     shutil.copytree(pruned_dir, broken)

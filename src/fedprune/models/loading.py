@@ -281,9 +281,16 @@ def check_weights_match_config(directory: Path, config) -> None:
             raise ValueError(f"corrupt weights file {f}: {exc}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in expected if k not in stored and not (tied and k.endswith("lm_head.weight"))]
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def key(k: str) -> str:  # checkpoints of the bare base model lack the prefix; transformers maps both
+        return k[len(prefix):] if prefix != "." and k.startswith(prefix) else k
+
+    expected = {key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {key(k): v for k, v in stored.items()}
+    # Only missing decoder-layer tensors are flagged (layers removed by pruning); other gaps
+    # (an untied head, say) are transformers' business and only warned about there.
+    missing = [k for k in expected if k not in stored and ".layers." in f".{k}"]
     wrong = [f"{k} {stored[k]} vs {expected[k]}" for k in expected if k in stored and stored[k] != expected[k]]
     if not missing and not wrong:
         return
