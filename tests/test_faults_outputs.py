@@ -432,3 +432,15 @@ def test_a_failed_eval_keeps_the_previous_complete_results(eval_model, tmp_path)
     assert main([*base, "--overwrite", "--tasks", f"text:{corpus}"]) == 0
     assert json.loads(out.read_text())["complete"] is True and not (tmp_path / "res.json.partial").exists()
     assert main([*base, "--tasks", f"text:{corpus}", "--output", str(tmp_path)]) == 1  # a directory: refused
+
+
+# ---- export: a GGUF file is replaced only with --overwrite ----------------------------------------------
+def test_export_refuses_an_existing_file_before_reading_the_model(tmp_path, capsys, unloadable):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"someone's model")
+    assert main(["export", "--model", unloadable, "--output", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite" in err and f.read_bytes() == b"someone's model"
+    assert main(["export", "--model", unloadable, "--output", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no lock or temporary left behind
