@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from fedprune.federated.aggregators import (
-    AGGREGATORS, compact, count_average, fedavg, flexlora_aggregate, flexlora_distribute, flexlora_factor,
-    coordinate_reduce, flexlora_robust, flora_stack, hetlora_aggregate, lora_delta, pad_rank, robust_average, robust_count_average,
-    scatter_to_full, truncate_rank,
+    AGGREGATORS, compact, coordinate_reduce, count_average, fedavg, flexlora_aggregate, flexlora_distribute,
+    flexlora_factor, flexlora_robust, flora_stack, hetlora_aggregate, lora_delta, pad_rank, robust_average,
+    robust_count_average, scatter_to_full, truncate_rank,
 )
 
 T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731

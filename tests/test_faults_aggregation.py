@@ -226,8 +226,8 @@ def _run(tokenizer, run_dir, extra=(), attack=False):
 def test_poisoning_client_does_not_take_over(tokenizer, tmp_path):
     honest, _, _ = _run(tokenizer, tmp_path / "honest")
     defended, recs, cid = _run(tokenizer, tmp_path / "defended", attack=True)
-    open_door, _, _ = _run(tokenizer, tmp_path / "open", ["federation.max_weight_ratio=0", "federation.clip_norm_ratio=0"],
-                        attack=True)
+    open_door, _, _ = _run(tokenizer, tmp_path / "open",
+                           ["federation.max_weight_ratio=0", "federation.clip_norm_ratio=0"], attack=True)
     liar = next(r for r in recs if r["cid"] == cid)
     assert liar["declared"] == 10**12 and liar["weight"] == 6  # capped at its partition's size
     assert math.isclose(liar["weight_share"], 1 / 3)
