@@ -153,3 +153,115 @@ def test_corrupt_checkpoint_is_named(model, tmp_path):
         f.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt weights"):
         load_model(out)
+
+
+# ---- layers, sizes, masks and biases: what algorithms ask the adapter for ------------------
+def test_keep_only_layers_updates_config_and_layer_idx(model, input_ids):
+    ad = get_adapter(model)
+    model.config.layer_types = [f"t{i}" for i in range(ad.num_layers)]
+    kept = [ad.layers[1], ad.layers[3]]
+    ad.keep_only_layers([3, 1])  # order does not matter: layers run in ascending order
+    assert list(ad.layers) == kept and model.config.num_hidden_layers == 2
+    assert model.config.layer_types == ["t1", "t3"]
+    for new_i, layer in enumerate(ad.layers):
+        assert all(m.layer_idx == new_i for m in (layer, ad.attention(layer)) if hasattr(m, "layer_idx"))
+    assert [lp.orig_index for lp in ad.plan.layers] == [0, 1, 2, 3], "the plan is remove_layers' business"
+    with pytest.raises(ValueError, match="non-empty subset"):
+        ad.keep_only_layers([2])
+
+
+def test_only_layers_equals_removal_and_restores_everything(arch, input_ids):
+    model, removed = tiny_model(arch), tiny_model(arch)
+    ad = get_adapter(model)
+    model.config.layer_types = ["full_attention"] * 4
+    before = (list(ad.layers), [getattr(ad.attention(layer), "layer_idx", None) for layer in ad.layers])
+    ref = logits(model, input_ids)
+    with ad.only_layers([0, 2]):
+        sub = logits(model, input_ids)
+        assert model.config.num_hidden_layers == 2 and len(model.config.layer_types) == 2
+    assert (list(ad.layers), [getattr(ad.attention(layer), "layer_idx", None) for layer in ad.layers]) == before
+    assert model.config.num_hidden_layers == 4 and len(model.config.layer_types) == 4
+    assert torch.equal(logits(model, input_ids), ref)
+    get_adapter(removed).remove_layers([1, 3])
+    torch.testing.assert_close(logits(removed, input_ids), sub)
+    assert not torch.allclose(sub, ref)
+
+
+def test_model_shape_counts_the_real_parameters(arch):
+    from fedprune.adapters import ModelShape
+
+    variants = [{}, {"tie_word_embeddings": False}]
+    if arch == "opt":  # embeddings narrower than the layers (project_in/out), pre-LN without final norm
+        variants += [{"word_embed_proj_dim": 32}, {"do_layer_norm_before": False}, {"enable_bias": False}]
+    for overrides in variants:
+        model = tiny_model(arch, **overrides)
+        shape = ModelShape.from_config(model.config)
+        assert shape.num_parameters() == get_adapter(model).num_parameters(), overrides
+        assert shape.layer_parameters() == sum(p.numel() for p in get_adapter(model).layers[0].parameters())
+        lin = get_adapter(model).linear_modules(get_adapter(model).layers[0])
+        assert {k: (m.in_features, m.out_features) for k, m in lin.items()} == shape.linear_shapes()
+
+
+def test_every_family_brings_its_tiny_config():
+    from fedprune.adapters import ADAPTERS
+    from fedprune.models.tiny import TINY_ARCHS, tiny_config
+
+    assert set(TINY_ARCHS) == set(supported_architectures())
+    for arch in TINY_ARCHS:
+        assert tiny_config(arch).model_type == arch
+        assert tiny_config(arch, num_hidden_layers=2).num_hidden_layers == 2
+        assert ADAPTERS.get(arch).tiny_config(arch).to_dict() == tiny_config(arch).to_dict()
+    with pytest.raises(ValueError, match="no tiny config"):
+        tiny_config("gpt_neox")
+
+
+def test_written_uniform_sizes_build_the_pruned_model(model):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    ad = get_adapter(model)
+    g = ad.group_size(ad.layers[0])
+    for i in range(ad.num_layers):
+        ad.prune_ffn_channels(i, range(40))
+        ad.prune_heads(i, [h for h in range(ad.num_heads(ad.layers[i])) if h % g == 0])  # one head per group
+    config = copy.deepcopy(model.config)
+    if ad.write_uniform_sizes(config, ad.num_heads(ad.layers[0]), ad.num_kv_heads(ad.layers[0]), 40):
+        rebuilt = AutoModelForCausalLM.from_config(config)
+        assert get_adapter(rebuilt).num_parameters() == ad.num_parameters()
+    else:  # the family's config cannot say it: only OPT, whose head_dim follows the head count
+        assert model.config.model_type == "opt"
+
+
+def test_soft_masks_equal_removal(model, input_ids):
+    ad = get_adapter(model)
+    layer = ad.layers[1]
+    g, nh, width = ad.group_size(layer), ad.num_heads(layer), ad.intermediate_size(layer)
+    keep_heads = [h for h in range(nh) if h // g != 0]  # drop KV group 0
+    hm = torch.tensor([h in keep_heads for h in range(nh)])
+    cm = torch.arange(width) % 3 != 0
+    with ad.soft_masks({1: hm}, {1: cm}) as masks:
+        masked = logits(model, input_ids)
+        masks.channel_masks[1] = torch.ones(width, dtype=torch.bool)  # edited in place: takes effect
+        heads_only = logits(model, input_ids)
+    ref = logits(model, input_ids)
+    assert not torch.allclose(masked, ref)
+    ad.prune_heads(1, keep_heads)
+    torch.testing.assert_close(logits(model, input_ids), heads_only, atol=1e-5, rtol=1e-5)
+    ad.prune_ffn_channels(1, cm.nonzero().flatten().tolist())
+    torch.testing.assert_close(logits(model, input_ids), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_added_output_bias_is_declared_on_reload(model, input_ids, tmp_path):
+    ad = get_adapter(model)
+    _prune_unevenly(model)
+    g = torch.Generator().manual_seed(3)
+    ad.add_output_bias(0, "o_proj", torch.randn(model.config.hidden_size, generator=g))
+    ad.add_output_bias(1, "ffn_out", torch.randn(model.config.hidden_size, generator=g))
+    created = ad.plan.layers[0].added_biases + ad.plan.layers[1].added_biases
+    assert created == ([] if model.config.model_type == "opt" else ["o_proj", "ffn_out"])  # OPT has biases
+    ref = logits(model, input_ids)
+    again = load_model(save_model(model, tmp_path / "b"))
+    assert torch.equal(logits(again, input_ids), ref)
+    with pytest.raises(ValueError, match="unknown bias site"):
+        ad.add_output_bias(0, "q_proj", torch.zeros(model.config.hidden_size))

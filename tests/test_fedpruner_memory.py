@@ -145,3 +145,19 @@ def test_eager_attention_formula_equals_counted_saved_tensors():
 
     setup = TrainSetup(seq_len=T, batch_size=B, lora_rank=r, attention="eager")
     assert saved(3) - saved(2) == layer_activation_bytes(ModelShape.from_config(model.config), setup)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_predicted_parameter_count_equals_the_real_model(arch):
+    """The memory model's weight terms read the family's sizes from its adapter: an OPT (biases,
+    LayerNorms, learned positions, fc1/fc2) is counted as exactly as a LLaMA."""
+    model = tiny_model(arch, num_hidden_layers=3)
+    shape = ModelShape.from_config(model.config)
+    setup = TrainSetup(seq_len=16, lora_rank=2, lora_targets=("q_proj", "v_proj"))
+    mb = training_memory(shape, setup, shape.num_layers)
+    predicted = (mb.embed_head + mb.layer_weights) // 4  # float32
+    assert predicted == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if arch == "opt":
+        assert "fc1" in shape.linear_shapes() and "gate_proj" not in shape.linear_shapes()
+        with pytest.raises(ValueError, match="not projections of this model"):
+            lora_params_per_layer(shape, 2, ("gate_proj",))

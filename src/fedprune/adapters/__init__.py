@@ -1,10 +1,19 @@
-"""Architecture adapters, one per model family, looked up by ``config.model_type``."""
+"""Architecture adapters, one per model family, looked up by ``config.model_type``.
+
+An adapter owns everything architecture-specific: where the layers and projections are,
+surgery (remove layers, heads, channels; add a bias), soft masks, the sizes a memory model
+needs (``model_shape``), how pruned sizes are written into a config, and a tiny test config.
+A new family is one module here plus one entry in the loop below; ``tests/test_adapters.py``
+then runs the contract suite on its tiny model.
+"""
 from __future__ import annotations
 
 from torch import nn
 
 from ..registry import Registry
 from .base import DecoderAdapter, LayerPlan, PrunePlan, head_rows
+from .shape import ModelShape
+from .soft_masks import SoftMasks
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
@@ -28,4 +37,5 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
     return ADAPTERS.get(model_type)(model)
 
 
-__all__ = ["DecoderAdapter", "LayerPlan", "PrunePlan", "get_adapter", "supported_architectures", "head_rows", "ADAPTERS"]
+__all__ = ["DecoderAdapter", "LayerPlan", "PrunePlan", "ModelShape", "SoftMasks", "get_adapter",
+           "supported_architectures", "head_rows", "ADAPTERS"]

@@ -14,11 +14,19 @@ Units:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from .shape import ModelShape
+
+#: output projections that may be given a bias by surgery (``DecoderAdapter.add_output_bias``)
+BIAS_SITES = ("o_proj", "ffn_out")
+#: config fields holding one entry per decoder layer, cut down with the layers
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
 
 
 @dataclass
@@ -29,9 +37,12 @@ class LayerPlan:
     q_heads: list[int]
     kv_heads: list[int]
     ffn_channels: list[int]
+    added_biases: list[str] = field(default_factory=list)
+    """output projections (``o_proj``, ``ffn_out``) given a bias the architecture lacks (FLAP's
+    bias compensation): a reload must declare them before the weights load"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "orig_index": self.orig_index,
             "num_heads": len(self.q_heads),
             "num_kv_heads": len(self.kv_heads),
@@ -40,10 +51,17 @@ class LayerPlan:
             "kv_heads": self.kv_heads,
             "ffn_channels": self.ffn_channels,
         }
+        if self.added_biases:
+            d["added_biases"] = list(self.added_biases)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
-        return cls(int(d["orig_index"]), list(d["q_heads"]), list(d["kv_heads"]), list(d["ffn_channels"]))
+        biases = list(d.get("added_biases", []))
+        bad = sorted(set(biases) - set(BIAS_SITES))
+        if bad:
+            raise ValueError(f"layer {d.get('orig_index')}: unknown added_biases {bad}; known: {list(BIAS_SITES)}")
+        return cls(int(d["orig_index"]), list(d["q_heads"]), list(d["kv_heads"]), list(d["ffn_channels"]), biases)
 
 
 @dataclass
@@ -202,6 +220,41 @@ class DecoderAdapter:
         out["down_proj" if self.gated_ffn else "fc2"] = self.ffn_out(layer)
         return out
 
+    # ---- the family's sizes and configs -----------------------------------------
+    @classmethod
+    def model_shape(cls, config: Any) -> ModelShape:
+        """The sizes the memory model and budgets need, read from a config of this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_config(cls, model_type: str, **overrides: Any) -> Any:
+        """A tiny random-init config of this family (tests, docs): 4 layers, hidden 64, vocab 128."""
+        from transformers import AutoConfig
+
+        kw = dict(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=256, **cls._tiny_config_fields(model_type))
+        kw.update(overrides)
+        return AutoConfig.for_model(model_type, **kw)
+
+    @classmethod
+    def _tiny_config_fields(cls, model_type: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_uniform_sizes(self, config: Any, num_heads: int, num_kv_heads: int, width: int) -> bool:
+        """Write sizes shared by every kept layer into ``config`` (a copy saved with the weights).
+
+        Returns False when the family's config cannot express them (the checkpoint then needs
+        its plan to be rebuilt). LLaMA family: head count (with an explicit ``head_dim``), KV
+        heads and FFN width are all config fields.
+        """
+        if num_heads != config.num_attention_heads:
+            config.head_dim = self.head_dim
+            config.num_attention_heads = num_heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = num_kv_heads
+        config.intermediate_size = width
+        return True
+
     # ---- the plan ----------------------------------------------------------------
     def _initial_plan(self) -> PrunePlan:
         c = self.config
@@ -225,7 +278,7 @@ class DecoderAdapter:
 
     # ---- surgery -----------------------------------------------------------------
     def remove_layers(self, indices: Sequence[int]) -> None:
-        """Remove decoder layers (current indices). Refuses to remove every layer."""
+        """Remove decoder layers (current indices) for good, plan included. Refuses to remove every layer."""
         drop = sorted(set(int(i) for i in indices))
         n = self.num_layers
         bad = [i for i in drop if not 0 <= i < n]
@@ -234,25 +287,57 @@ class DecoderAdapter:
         if len(drop) >= n:
             raise ValueError(f"cannot remove {len(drop)} layers from a model with {n} layers (at least one must remain)")
         keep = [i for i in range(n) if i not in drop]
-        self._set_layers([self.layers[i] for i in keep])
+        self.keep_only_layers(keep)
         self.plan.layers = [self.plan.layers[i] for i in keep]
-        self._renumber_layers(keep)
+
+    def keep_only_layers(self, indices: Sequence[int]) -> None:
+        """Keep decoder layers ``indices`` (current indices, run in ascending order), drop the rest.
+
+        The config follows (``num_hidden_layers`` and per-layer lists such as ``layer_types``)
+        and every kept layer's ``layer_idx`` is renumbered, because KV caches index by it. The
+        plan is not touched: :meth:`remove_layers` is the permanent surgery, :meth:`only_layers`
+        the temporary one (a submodel, a trial removal).
+        """
+        n = self.num_layers
+        keep = sorted(set(int(i) for i in indices))
+        if not keep or any(not 0 <= i < n for i in keep):
+            raise ValueError(f"layers to keep must be a non-empty subset of range({n}), got {keep}")
+        layers = list(self.layers)
+        self._set_layers([layers[i] for i in keep])
+        c = self.config
+        for name in PER_LAYER_CONFIG_LISTS:
+            values = getattr(c, name, None)
+            if isinstance(values, list) and len(values) == n:
+                setattr(c, name, [values[i] for i in keep])
+        c.num_hidden_layers = len(keep)
+        for new_i, layer in enumerate(self.layers):
+            for holder in self._layer_idx_holders(layer):
+                holder.layer_idx = new_i
+
+    @contextlib.contextmanager
+    def only_layers(self, indices: Sequence[int]) -> Iterator[None]:
+        """Within the block the model runs only decoder layers ``indices`` (:meth:`keep_only_layers`);
+        on exit its layers, config and ``layer_idx`` values are as they were."""
+        layers = list(self.layers)
+        c = self.config
+        saved_config = {name: getattr(c, name) for name in ("num_hidden_layers", *PER_LAYER_CONFIG_LISTS)
+                        if hasattr(c, name)}
+        saved_idx = [(m, m.layer_idx) for layer in layers for m in self._layer_idx_holders(layer)]
+        self.keep_only_layers(indices)
+        try:
+            yield
+        finally:
+            self._set_layers(layers)
+            for name, value in saved_config.items():
+                setattr(c, name, value)
+            for m, idx in saved_idx:
+                m.layer_idx = idx
+
+    def _layer_idx_holders(self, layer: nn.Module) -> list[nn.Module]:
+        return [m for m in (layer, self.attention(layer)) if hasattr(m, "layer_idx")]
 
     def _set_layers(self, new_layers: list[nn.Module]) -> None:
         raise NotImplementedError
-
-    def _renumber_layers(self, keep: list[int]) -> None:
-        c = self.config
-        lt = getattr(c, "layer_types", None)
-        if isinstance(lt, list) and len(lt) >= max(keep) + 1:
-            c.layer_types = [lt[i] for i in keep]
-        c.num_hidden_layers = len(keep)
-        for new_i, layer in enumerate(self.layers):
-            attn = self.attention(layer)
-            if hasattr(attn, "layer_idx"):
-                attn.layer_idx = new_i
-            if hasattr(layer, "layer_idx"):
-                layer.layer_idx = new_i
 
     def prune_heads(self, layer_idx: int, keep_q_heads: Sequence[int]) -> None:
         """Keep the query heads ``keep_q_heads`` (current indices) of layer ``layer_idx``.
@@ -314,6 +399,28 @@ class DecoderAdapter:
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = width
 
+    def add_output_bias(self, layer_idx: int, site: str, delta: torch.Tensor) -> None:
+        """Add ``delta`` ``[hidden]`` to the bias of layer ``layer_idx``'s ``site`` (``o_proj`` or
+        ``ffn_out``), creating the bias where the architecture has none; the plan records a
+        created bias so that a reloaded checkpoint declares it (recovery steps such as FLAP's
+        bias compensation use this)."""
+        if site not in BIAS_SITES:
+            raise ValueError(f"unknown bias site {site!r}; known: {list(BIAS_SITES)}")
+        lin = getattr(self, site)(self.layers[layer_idx])
+        delta = delta.to(lin.weight.dtype)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(delta.clone(), requires_grad=False)
+            self.plan.layers[layer_idx].added_biases.append(site)
+        else:
+            with torch.no_grad():
+                lin.bias.add_(delta)
+
+    def soft_masks(self, head_masks=None, channel_masks=None):
+        """Attach soft keep-masks (:class:`~fedprune.adapters.soft_masks.SoftMasks`); ``remove()`` detaches."""
+        from .soft_masks import SoftMasks
+
+        return SoftMasks(self, head_masks, channel_masks)
+
     # ---- rebuilding from a plan --------------------------------------------------
     def apply_plan_shapes(self, plan: PrunePlan) -> None:
         """Shrink a freshly built full-size model to the shapes ``plan`` describes.
@@ -337,4 +444,9 @@ class DecoderAdapter:
                 self.prune_heads(i, heads)
             if len(lp.ffn_channels) != self.intermediate_size(layer):
                 self.prune_ffn_channels(i, range(len(lp.ffn_channels)))
+            for site in lp.added_biases:  # declared so the saved bias loads into it
+                lin = getattr(self, site)(layer)
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                        device=lin.weight.device), requires_grad=False)
         self.model._fedprune_plan = plan

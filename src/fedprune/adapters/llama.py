@@ -9,6 +9,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderAdapter
+from .shape import ModelShape
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -18,6 +22,28 @@ class LlamaAdapter(DecoderAdapter):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers
+
+    @classmethod
+    def model_shape(cls, config) -> ModelShape:
+        nh = int(config.num_attention_heads)
+        if config.model_type == "qwen2":
+            biased = ATTENTION[:3]  # Qwen2: q/k/v always biased
+        else:
+            biased = (ATTENTION if getattr(config, "attention_bias", False) else ()) + \
+                (FFN if getattr(config, "mlp_bias", False) else ())
+        return ModelShape(int(config.hidden_size), int(config.intermediate_size), nh,
+                          int(getattr(config, "num_key_value_heads", None) or nh), int(config.vocab_size),
+                          int(config.num_hidden_layers), bool(getattr(config, "tie_word_embeddings", False)),
+                          getattr(config, "head_dim", None), biased=biased)
+
+    @classmethod
+    def _tiny_config_fields(cls, model_type):
+        kw = dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=model_type == "llama", head_dim=16)
+        if model_type == "qwen2":
+            kw.update(use_sliding_window=False)
+        if model_type == "mistral":
+            kw.update(sliding_window=None)
+        return kw
 
     def _set_layers(self, new_layers):
         self.model.model.layers = nn.ModuleList(new_layers)

@@ -2,11 +2,12 @@
 attention-head / FFN-channel masks.
 
 - Layer subset: the decoder's layer list is swapped for the kept layers for the duration of
-  the context (the others are skipped in the forward pass, as FedPruner's devices do).
+  the context (the others are skipped in the forward pass, as FedPruner's devices do;
+  ``DecoderAdapter.only_layers``).
 - Head mask ``{layer: bool[num_heads]}``: the input of ``o_proj`` is zeroed for masked heads,
   which is exactly the output of a model with those heads removed.
 - Channel mask ``{layer: bool[intermediate]}``: the input of ``down_proj`` (fc2) is zeroed for
-  masked channels, likewise.
+  masked channels, likewise (both: ``DecoderAdapter.soft_masks``).
 
 :func:`lora_masks` translates unit masks into the rows/columns of LoRA tensors a client
 really holds, for count-based averaging.
@@ -24,38 +25,12 @@ from .aggregators import A_SUFFIX, B_SUFFIX
 @contextlib.contextmanager
 def submodel(adapter, layers: Sequence[int] | None = None, head_masks: Mapping[int, torch.Tensor] | None = None,
              channel_masks: Mapping[int, torch.Tensor] | None = None) -> Iterator[None]:
-    all_layers = list(adapter.layers)
-    handles = []
-    try:
-        for i, mk in (head_masks or {}).items():
-            o = adapter.o_proj(all_layers[i])
-            per_feature = mk.bool().repeat_interleave(adapter.head_dim).to(torch.float32)
-            handles.append(o.register_forward_pre_hook(_mask_input(per_feature)))
-        for i, mk in (channel_masks or {}).items():
-            down = adapter.ffn_act_input(all_layers[i])
-            handles.append(down.register_forward_pre_hook(_mask_input(mk.bool().to(torch.float32))))
+    with contextlib.ExitStack() as stack:
+        if head_masks or channel_masks:
+            stack.enter_context(adapter.soft_masks(head_masks, channel_masks))
         if layers is not None:
-            keep = sorted(set(int(i) for i in layers))
-            if not keep or keep[0] < 0 or keep[-1] >= len(all_layers):
-                raise ValueError(f"layer subset {keep} invalid for a model with {len(all_layers)} layers")
-            adapter._set_layers([all_layers[i] for i in keep])
-            n_cfg = adapter.config.num_hidden_layers
-            adapter.config.num_hidden_layers = len(keep)
+            stack.enter_context(adapter.only_layers(layers))
         yield
-    finally:
-        for h in handles:
-            h.remove()
-        if layers is not None:
-            adapter._set_layers(all_layers)
-            adapter.config.num_hidden_layers = n_cfg
-
-
-def _mask_input(mask: torch.Tensor):
-    def hook(module, args):
-        x = args[0]
-        return (x * mask.to(x.dtype),) + tuple(args[1:])
-
-    return hook
 
 
 def lora_masks(adapter, keys: Sequence[str], head_masks: Mapping[int, torch.Tensor] | None,

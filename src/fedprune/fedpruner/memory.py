@@ -1,7 +1,9 @@
 """Peak training memory of a K-layer LoRA submodel (FedPruner's memory model).
 
 A device trains LoRA on ``K`` decoder layers of a LLaMA-style model (the others are not in
-its submodel). Its peak memory is
+its submodel). The sizes come from the family's adapter (:class:`ModelShape`, so weights and
+LoRA state are right for OPT too: biases, LayerNorms, learned positions); the activation
+terms below are counted on LLaMA. Its peak memory is
 
     M(K) = M_embed_head + K * (M_layer_weights + M_layer_lora_state + M_layer_act)
            + M_transient + M_fixed
@@ -37,7 +39,7 @@ with ``N = batch * seq_len`` tokens, ``b`` bytes per base element, ``b_l`` per L
   are alive at that moment.) ``head`` depends on how the loss is computed:
 
   * chunked (``chunked_loss=True``, the default of federated training,
-    ``federated.chunked_loss``): only supervised positions reach the LM head, ``c`` of them at
+    ``federated.local.chunked_loss``): only supervised positions reach the LM head, ``c`` of them at
     a time under activation checkpointing, so no ``N x V`` tensor ever exists. ``head`` = one
     chunk's float32 log-softmax output, its incoming gradient and the logits gradient
     (3 c V 4) + the gathered hidden states of the supervised tokens and their gradient
@@ -64,49 +66,13 @@ import math
 from dataclasses import dataclass, field, asdict
 from typing import Any
 
+from ..adapters.shape import ModelShape  # read from a config by the family's adapter
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a LLaMA-style decoder the memory model needs."""
-
-    hidden: int
-    intermediate: int
-    num_heads: int
-    num_kv_heads: int
-    vocab: int
-    num_layers: int
-    tied_embeddings: bool = True
-    head_dim: int | None = None
-
-    def __post_init__(self):
-        for name in ("hidden", "intermediate", "num_heads", "num_kv_heads", "vocab", "num_layers"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-
-    @property
-    def d(self) -> int:
-        return int(self.head_dim or self.hidden // self.num_heads)
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
-        """From a Hugging Face LLaMA-family config."""
-        nh = int(config.num_attention_heads)
-        return cls(int(config.hidden_size), int(config.intermediate_size), nh,
-                   int(getattr(config, "num_key_value_heads", None) or nh), int(config.vocab_size),
-                   int(config.num_hidden_layers), bool(getattr(config, "tie_word_embeddings", False)),
-                   getattr(config, "head_dim", None))
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``{target: (in_features, out_features)}`` of one layer."""
-        H, I, q, kv = self.hidden, self.intermediate, self.num_heads * self.d, self.num_kv_heads * self.d
-        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
-                "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+KNOWN_TARGETS = LLAMA_TARGETS + ("fc1", "fc2")
+"""LoRA targets by the adapters' projection names (``ModelShape.linear_shapes``); fc1/fc2: OPT's FFN"""
 
 
 @dataclass(frozen=True)
@@ -126,7 +92,7 @@ class TrainSetup:
     """LoRA dropout probability; > 0 saves each target's dropped input and its dropout mask"""
     fixed_overhead_bytes: int = 0
     chunked_loss: bool = True
-    """the loss runs the LM head in checkpointed chunks of supervised tokens (``federated.chunked_loss``);
+    """the loss runs the LM head in checkpointed chunks of supervised tokens (``federated.local.chunked_loss``);
     False: full ``N x V`` logits (Hugging Face's ``labels=`` loss)"""
     loss_chunk_tokens: int = 64
     """tokens per LM-head chunk of the chunked loss"""
@@ -145,9 +111,9 @@ class TrainSetup:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
-        bad = set(self.lora_targets) - set(LLAMA_TARGETS)
+        bad = set(self.lora_targets) - set(KNOWN_TARGETS)
         if bad:
-            raise ValueError(f"unknown LoRA targets {sorted(bad)}; known: {LLAMA_TARGETS}")
+            raise ValueError(f"unknown LoRA targets {sorted(bad)}; known: {KNOWN_TARGETS}")
 
     @property
     def tokens(self) -> int:
@@ -183,13 +149,15 @@ class MemoryBreakdown:
 
 
 def layer_weight_bytes(shape: ModelShape, setup: TrainSetup) -> int:
-    n = sum(i * o for i, o in shape.linear_shapes().values()) + 2 * shape.hidden
-    return n * DTYPE_BYTES[setup.dtype]
+    return shape.layer_parameters() * DTYPE_BYTES[setup.dtype]
 
 
 def lora_params_per_layer(shape: ModelShape, rank: int, targets: tuple[str, ...] = LLAMA_TARGETS) -> int:
     """``r * sum (in + out)`` over the LoRA targets of one layer."""
     lin = shape.linear_shapes()
+    missing = [t for t in targets if t not in lin]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not projections of this model; it has {sorted(lin)}")
     return sum(rank * (lin[t][0] + lin[t][1]) for t in targets)
 
 
@@ -246,8 +214,7 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
 
 
 def embed_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
-    n = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2) + shape.hidden
-    return n * DTYPE_BYTES[setup.dtype]
+    return shape.outer_parameters() * DTYPE_BYTES[setup.dtype]
 
 
 def head_transient_bytes(shape: ModelShape, setup: TrainSetup) -> int:
@@ -312,7 +279,9 @@ def block_costs(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
     total = training_memory(shape, setup, 1).per_layer
     N, H, I, b = setup.tokens, shape.hidden, shape.intermediate, DTYPE_BYTES[setup.dtype]
     lin = shape.linear_shapes()
-    w_mlp = (sum(lin[t][0] * lin[t][1] for t in ("gate_proj", "up_proj", "down_proj")) + H) * b
+    ffn = [t for t in lin if t in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")]
+    w_mlp = (sum(lin[t][0] * lin[t][1] for t in ffn) + sum(lin[t][1] for t in ffn if t in shape.biased)
+             + shape.norm_params * H) * b
     lora_mlp = lora_state_bytes_per_layer(shape, TrainSetup(**{**asdict(setup), "lora_targets": mlp_t})) if mlp_t else 0
     undropped = not setup.lora_dropout
     act_mlp = (N * H + 3 * N * I + N * setup.lora_rank * len(mlp_t)

@@ -2,7 +2,7 @@
 
 ``only_layers(model, keep)`` swaps the model's layer list for the selected layers, renumbers
 their ``layer_idx`` (KV caches index by it) and sets ``config.num_hidden_layers`` (and
-``layer_types``), then restores everything on exit. Skipped layers are not called at all:
+``layer_types``), then restores everything on exit (``DecoderAdapter.only_layers``). Skipped layers are not called at all:
 the residual stream passes straight from one kept layer to the next. Goes through the
 architecture adapter, so it works for every registered family.
 
@@ -28,36 +28,8 @@ def _base(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def only_layers(model: nn.Module, keep: Sequence[int]) -> Iterator[nn.Module]:
     """Within the block, ``model`` runs only decoder layers ``keep`` (original indices, in order)."""
-    ad = get_adapter(_base(model))
-    n = ad.num_layers
-    keep = sorted(set(int(i) for i in keep))
-    if not keep or any(not 0 <= i < n for i in keep):
-        raise ValueError(f"keep must be a non-empty subset of range({n}), got {keep}")
-    old_layers = list(ad.layers)
-    cfg = ad.config
-    old_n, old_types = cfg.num_hidden_layers, getattr(cfg, "layer_types", None)
-
-    def idx_holders(layer: nn.Module) -> list[nn.Module]:
-        return [m for m in (layer, ad.attention(layer)) if hasattr(m, "layer_idx")]
-
-    old_idx = {id(m): m.layer_idx for layer in old_layers for m in idx_holders(layer)}
-    try:
-        ad._set_layers([old_layers[i] for i in keep])
-        cfg.num_hidden_layers = len(keep)
-        if isinstance(old_types, list) and len(old_types) == n:
-            cfg.layer_types = [old_types[i] for i in keep]
-        for new_i, layer in enumerate(ad.layers):
-            for m in idx_holders(layer):
-                m.layer_idx = new_i
+    with get_adapter(_base(model)).only_layers(keep):
         yield model
-    finally:
-        ad._set_layers(old_layers)
-        cfg.num_hidden_layers = old_n
-        if old_types is not None:
-            cfg.layer_types = old_types
-        for layer in old_layers:
-            for m in idx_holders(layer):
-                m.layer_idx = old_idx[id(m)]
 
 
 def _zero_output_hook(module: nn.Module, args, output):

@@ -12,9 +12,9 @@ Choosing (pure): scores + a pruning ratio ``p`` -> boolean keep-masks for one la
   channels then fill what is left of the layer budget;
 - are monotone when ``prev`` masks are given (iterative pruning never revives a unit).
 
-Applying (soft): forward pre-hooks multiply the input of ``o_proj`` by the head mask
-(expanded over ``head_dim``) and the input of ``down_proj`` by the channel mask, so a
-pruned unit contributes exactly nothing and training of the rest continues.
+Applying (soft): the adapters' soft masks (forward pre-hooks multiply the input of ``o_proj``
+by the head mask, expanded over ``head_dim``, and the input of ``down_proj`` by the channel
+mask), so a pruned unit contributes exactly nothing and training of the rest continues.
 
 Materialising (hard): ``prune_to_masks`` calls the adapter surgery; the pruned model's
 logits equal the masked model's.
@@ -26,6 +26,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
+
+from ..adapters.soft_masks import SoftMasks
 
 
 def attention_params(n_q: int, n_kv: int, head_dim: int, hidden: int) -> int:
@@ -125,47 +127,15 @@ def check_gqa_valid(head_mask: torch.Tensor, num_kv_heads: int) -> None:
         raise ValueError(f"head mask is not GQA-valid: kept heads per KV group = {counts.tolist()}")
 
 
-class MaskHandle:
-    """Soft masks attached to a model by forward pre-hooks; edit ``head_masks`` / ``channel_masks``
-    in place to change them, ``remove()`` to detach. Usable as a context manager."""
+class MaskHandle(SoftMasks):
+    """Soft masks attached to a model (:class:`fedprune.adapters.SoftMasks`, through its adapter);
+    edit ``head_masks`` / ``channel_masks`` in place to change them, ``remove()`` to detach."""
 
     def __init__(self, model: nn.Module, head_masks: Mapping[int, torch.Tensor],
                  channel_masks: Mapping[int, torch.Tensor]):
         from ..adapters import get_adapter
 
-        self.adapter = get_adapter(model)
-        self.head_masks = {int(k): v.bool() for k, v in head_masks.items()}
-        self.channel_masks = {int(k): v.bool() for k, v in channel_masks.items()}
-        self._hooks = []
-        hd = self.adapter.head_dim
-        for i, layer in enumerate(self.adapter.layers):
-            self._hooks.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._make_hook(i, hd, True)))
-            self._hooks.append(
-                self.adapter.ffn_act_input(layer).register_forward_pre_hook(self._make_hook(i, 1, False)))
-
-    def _make_hook(self, i: int, repeat: int, heads: bool):
-        def hook(module, args):
-            mask = (self.head_masks if heads else self.channel_masks).get(i)
-            if mask is None:
-                return None
-            x = args[0]
-            m = mask.to(device=x.device, dtype=x.dtype)
-            if repeat > 1:
-                m = m.repeat_interleave(repeat)
-            return (x * m,) + tuple(args[1:])
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def __enter__(self) -> "MaskHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        super().__init__(get_adapter(model), head_masks, channel_masks)
 
 
 def apply_masks(model: nn.Module, head_masks: Mapping[int, torch.Tensor],

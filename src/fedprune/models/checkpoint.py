@@ -23,6 +23,10 @@ PLAN_FILE = "plan.json"
 
 
 def _uniform_sizes(plan: PrunePlan):
+    """The (heads, KV heads, FFN width) every kept layer shares, or None. A layer given a bias
+    its architecture lacks (FLAP) is not expressible in the config either: None."""
+    if any(lp.added_biases for lp in plan.layers):
+        return None
     shapes = {(len(lp.q_heads), len(lp.kv_heads), len(lp.ffn_channels)) for lp in plan.layers}
     return shapes.pop() if len(shapes) == 1 else None
 
@@ -46,18 +50,8 @@ def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict 
     if uniform is not None:
         # Every kept layer has the same shape: say so in the config, so plain
         # ``AutoModelForCausalLM.from_pretrained`` can load the directory too.
-        n_q, n_kv, inter = uniform
-        if n_q != config.num_attention_heads:
-            config.head_dim = adapter.head_dim
-            config.num_attention_heads = n_q
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = n_kv
-        if hasattr(config, "intermediate_size"):
-            config.intermediate_size = inter
-        elif hasattr(config, "ffn_dim"):
-            config.ffn_dim = inter
-        if config.model_type == "opt" and n_q != plan.orig_num_heads:
-            uniform = None  # OPT derives head_dim from hidden/num_heads: needs the plan
+        if not adapter.write_uniform_sizes(config, *uniform):
+            uniform = None  # the config cannot say it (e.g. OPT with fewer heads): needs the plan
     record = plan.to_dict()
     record["hf_loadable"] = uniform is not None
     if extra:

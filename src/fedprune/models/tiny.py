@@ -1,30 +1,23 @@
-"""Tiny random models of every supported family, built from configs (for tests and docs)."""
+"""Tiny random models of every supported family, built from configs (for tests and docs).
+
+The configs live with the adapters (``DecoderAdapter.tiny_config``): a new family brings its
+own, and every test parametrized over :data:`TINY_ARCHS` runs on it.
+"""
 from __future__ import annotations
 
 import torch
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "opt")
+from ..adapters import ADAPTERS, supported_architectures
+
+TINY_ARCHS = tuple(supported_architectures())
+"""every registered family (``model_type``); each adapter brings its own tiny config"""
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  max_position_embeddings=256)
-    if arch in ("llama", "mistral", "qwen2"):
-        kw = dict(common, intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=arch == "llama",
-                  head_dim=16)
-        if arch == "qwen2":
-            kw.update(use_sliding_window=False)
-        if arch == "mistral":
-            kw.update(sliding_window=None)
-    elif arch == "opt":
-        kw = dict(common, ffn_dim=96, word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True,
-                  pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    else:
+    """The tiny config of family ``arch`` (``DecoderAdapter.tiny_config``), with ``overrides``."""
+    if arch not in ADAPTERS:
         raise ValueError(f"no tiny config for {arch!r}; have {TINY_ARCHS}")
-    kw.update(overrides)
-    return AutoConfig.for_model(arch, **kw)
+    return ADAPTERS.get(arch).tiny_config(arch, **overrides)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):

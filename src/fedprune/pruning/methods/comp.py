@@ -136,26 +136,17 @@ def calibration_nll(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int 
 @torch.no_grad()
 def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8) -> list[int]:
     """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices."""
-    model = adapter.model
     alive = list(range(adapter.num_layers))
-    all_layers = list(adapter.layers)
     removed: list[int] = []
-    n_cfg = model.config.num_hidden_layers
-    try:
-        for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
-            best, best_nll = None, float("inf")
-            for cand in alive:
-                trial = [all_layers[i] for i in alive if i != cand]
-                adapter._set_layers(trial)
-                model.config.num_hidden_layers = len(trial)
+    for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
+        best, best_nll = None, float("inf")
+        for cand in alive:
+            with adapter.only_layers([i for i in alive if i != cand]):
                 nll = calibration_nll(adapter, ids, batch_size)
-                if nll < best_nll:
-                    best, best_nll = cand, nll
-            alive.remove(best)
-            removed.append(best)
-    finally:
-        adapter._set_layers(all_layers)
-        model.config.num_hidden_layers = n_cfg
+            if nll < best_nll:
+                best, best_nll = cand, nll
+        alive.remove(best)
+        removed.append(best)
     return sorted(removed)
 
 
