@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedprune.federated.chunked_loss import causal_lm_loss, chunked_causal_lm_loss
-from fedprune.federated.client import ClientTask, TrainSettings, train_client
+from fedprune.federated.local.chunked_loss import causal_lm_loss, chunked_causal_lm_loss
+from fedprune.federated.local import ClientTask, TrainSettings, train_client
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
 from fedprune.federated.partition import IGNORE_INDEX, collate
 from fedprune.fedpruner.memory import TrainSetup, saved_tensor_bytes

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedprune.federated.aggregators import fedavg
-from fedprune.federated.client import ClientTask, TrainSettings, train_client
+from fedprune.federated.local import ClientTask, TrainSettings, train_client
 from fedprune.federated.config import load_config
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
 from fedprune.federated.simulation import CHECKPOINT, RoundFailed, Simulation
@@ -91,7 +91,7 @@ def test_malformed_update_rejected_and_never_aggregated(tokenizer, tmp_path, cap
 def test_update_validation_reasons():
     lora = init_lora_state({"layers.0.q": (6, 5)}, 2, seed=0)
     task = ClientTask(1, 1, 2, lora)
-    from fedprune.federated.client import ClientResult
+    from fedprune.federated.local import ClientResult
 
     ok = ClientResult(1, 1, 2, {k: v.clone() for k, v in lora.items()}, {}, 10, {})
     assert update_problem(ok, task, 1e4) is None

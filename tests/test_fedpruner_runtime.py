@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedprune.federated.client import ClientResult, ClientTask, TrainSettings
+from fedprune.federated.local import ClientResult, ClientTask, TrainSettings
 from fedprune.federated.config import load_config
 from fedprune.federated.devices import DEVICE_PROFILES, DeviceProfile
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state

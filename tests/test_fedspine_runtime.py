@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedprune.federated.client import ClientTask, TrainSettings
+from fedprune.federated.local import ClientTask, TrainSettings
 from fedprune.federated.config import load_config
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
 from fedprune.federated.simulation import Simulation

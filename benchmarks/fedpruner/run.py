@@ -284,7 +284,7 @@ def memory_worker(spec: dict) -> dict:
 
     from fedprune import load_model
     from fedprune.adapters import get_adapter
-    from fedprune.federated.client import ClientTask, TrainSettings, train_client
+    from fedprune.federated.local import ClientTask, TrainSettings, train_client
     from fedprune.federated.lora import LoraSettings, SharedBaseModel
     from fedprune.fedpruner.submodel import skip_blocks
 

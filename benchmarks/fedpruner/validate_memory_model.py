@@ -15,7 +15,7 @@ Two allocator settings are measured: glibc as shipped, and glibc with
 back to the OS when freed, so RSS follows the live tensors). The model predicts live bytes.
 
 Two losses are measured: ``chunked`` (federated training's default, ``train.chunked_loss``:
-the LM head runs in checkpointed chunks of supervised tokens, ``federated.chunked_loss``) and
+the LM head runs in checkpointed chunks of supervised tokens, ``federated.local.chunked_loss``) and
 ``full`` (Hugging Face's ``labels=`` loss, full ``N x V`` logits); the memory model predicts
 each with ``TrainSetup.chunked_loss``.
 
@@ -62,7 +62,7 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     from peft import LoraConfig, get_peft_model
 
     from fedprune import load_model
-    from fedprune.federated.chunked_loss import causal_lm_loss
+    from fedprune.federated.local.chunked_loss import causal_lm_loss
     from fedprune.fedpruner.memory import LLAMA_TARGETS, saved_tensor_bytes
     from fedprune.fedpruner.submodel import only_layers
 
@@ -92,7 +92,7 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     hwm_ok = _reset_hwm()
     times = []
 
-    def step_loss():  # as local training computes it (federated.client.training_loss)
+    def step_loss():  # as local training computes it (federated.local.training_loss)
         if loss == "chunked":
             return causal_lm_loss(model, {"input_ids": ids, "labels": ids}, chunk)
         return model(input_ids=ids, labels=ids).loss  # the output (its logits) is dropped before backward

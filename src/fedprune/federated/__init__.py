@@ -2,7 +2,7 @@
 
 - :mod:`.aggregators`  pure aggregation maths (FedIT, HetLoRA, FlexLoRA, FLoRA, count-based)
 - :mod:`.strategies`   the ``Strategy`` protocol and the registered strategies
-- :mod:`.client`       per-client task/result and local LoRA training (rank, layers, masks)
+- :mod:`.local`        per-client task/result and the local LoRA training loop (rank, layers, masks)
 - :mod:`.lora`         one frozen base shared by all clients, LoRA states swapped in and out
 - :mod:`.submodel`     layer subsets and head/channel masks without copying the model
 - :mod:`.devices`      device profiles, fleets, simulated time; :mod:`.cost` FLOPs and bytes
@@ -14,5 +14,5 @@ Heavy modules are not imported here; import them directly.
 """
 from __future__ import annotations
 
-__all__ = ["aggregators", "strategies", "client", "lora", "submodel", "devices", "cost", "partition", "simulation",
+__all__ = ["aggregators", "strategies", "local", "lora", "submodel", "devices", "cost", "partition", "simulation",
            "evaluation", "config", "validation", "report", "flower_app"]

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .client import TrainSettings
+from .local import TrainSettings
 from .devices import LINK_MODELS, parse_fleet
 from .evaluation import EvalSettings
 from .lora import LoraSettings

@@ -44,7 +44,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .. import atomic
-from .client import ClientResult, ClientTask, train_client
+from .local import ClientResult, ClientTask, train_client
 from .config import FederatedConfig, load_config
 from .devices import parse_fleet
 from .strategies import ClientInfo, make_strategy

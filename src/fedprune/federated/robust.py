@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .aggregators import ROBUST_METHODS, compact
-from .client import ClientResult, ClientTask
+from .local import ClientResult, ClientTask
 
 Tensor = torch.Tensor
 

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .. import atomic
-from .client import ClientResult, train_client
+from .local import ClientResult, train_client
 from .config import FederatedConfig, dump_config
 from .devices import draws_dropout, parse_fleet, simulated_time
 from .evaluation import evaluate_global

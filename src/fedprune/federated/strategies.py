@@ -18,7 +18,7 @@ import torch
 
 from ..registry import Registry
 from . import aggregators as agg
-from .client import ClientResult, ClientTask
+from .local import ClientResult, ClientTask
 from .cost import payload_bytes
 from .lora import LoraSettings, init_lora_state
 

@@ -39,7 +39,7 @@ from ..fedpruner import plan as fp
 from ..fedpruner.memory import ModelShape, TrainSetup
 from ..fedpruner.submodel import skip_blocks
 from . import aggregators as agg
-from .client import ClientResult, ClientTask, train_client
+from .local import ClientResult, ClientTask, train_client
 from .cost import payload_bytes, train_flops
 from .partition import collate
 from .strategies import STRATEGIES, ClientInfo, GlobalModel, LoraStrategy

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from . import aggregators as agg
-from .client import ClientTask
+from .local import ClientTask
 from .lora import init_lora_state
 from .strategies import STRATEGIES, GlobalModel, LoraStrategy
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .aggregators import compact
-from .client import ClientResult, ClientTask
+from .local import ClientResult, ClientTask
 
 
 def mask_problem(m) -> str | None:

@@ -1,7 +1,8 @@
 """FedSpine on the device: LoRA fine-tuning interleaved with structured pruning.
 
 One round on device ``k`` (``train_fedspine_client``, a drop-in for
-``federated.client.train_client``):
+``federated.local.train_client``; the loop is
+``federated.local.train_steps`` with a step hook):
 
 1. load the global LoRA at the rank the server chose and the device's persistent unit
    masks (sent back to it as LoRA row/column masks in ``task.extra["row_masks"]``);
@@ -30,7 +31,8 @@ from typing import Mapping, Sequence
 import torch
 
 from ..federated.aggregators import compact
-from ..federated.client import ClientResult, ClientTask, TrainSettings, _detach_state, sample_batches, training_loss
+from ..federated.local import (ClientResult, ClientTask, TrainSettings, adamw, detach_state, sample_batches, train_steps,
+                               training_loss)
 from ..federated.cost import train_flops
 from ..federated.partition import collate
 from ..federated.submodel import lora_masks
@@ -111,6 +113,43 @@ def _probe_loss(base, batch, settings: TrainSettings, handle) -> tuple[float, fl
 
 
 # ---- the device round ------------------------------------------------------------------------------
+class _PruneWhileTuning:
+    """The :class:`~fedprune.federated.local.StepHook` of a FedSpine round: after each backward it
+    counts the step's FLOPs under the masks in force and folds the LoRA-gradient importance into
+    the moving average; after every ``interval`` optimiser steps it takes one pruning step."""
+
+    def __init__(self, base, handle, ema: ImportanceEMA, parts_fn, trainable: int, imp_flops: float,
+                 do_prune: bool, n_prune: int, interval: int, target: float, s_start: float):
+        self.base, self.handle, self.ema, self.parts_fn = base, handle, ema, parts_fn
+        self.trainable, self.imp_flops = trainable, imp_flops
+        self.do_prune, self.n_prune, self.interval = do_prune, n_prune, interval
+        self.target, self.s_start = target, s_start
+        self.flops = 0.0
+        self.prune_log: list[float] = []
+        self.scores: dict = {}
+
+    def after_backward(self, step: int, tokens: int) -> None:
+        h = self.handle
+        self.flops += train_flops(_params_through(self.base, h.head_masks, h.channel_masks), tokens, self.trainable)
+        if self.do_prune:  # importance from this step's LoRA gradients (before clipping), smoothed
+            self.scores = update_model_importance(self.base.model, self.ema, self.parts_fn)
+            self.flops += self.imp_flops
+
+    def after_step(self, step: int) -> None:
+        s = step + 1
+        if not (self.do_prune and s % self.interval == 0 and s // self.interval <= self.n_prune):
+            return
+        ratio = cubic_sparsity(s // self.interval, self.n_prune, self.target, self.s_start)
+        h = self.handle
+        new_h, new_c = model_keep_masks(self.base.model, {i: v[0] for i, v in self.scores.items()},
+                                        {i: v[1] for i, v in self.scores.items()}, ratio,
+                                        prev=(h.head_masks, h.channel_masks))
+        for i in new_h:  # edit in place: the hooks read these dicts
+            h.head_masks[i] = new_h[i]
+            h.channel_masks[i] = new_c[i]
+        self.prune_log.append(ratio)
+
+
 def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], settings: TrainSettings, seed: int,
                           pad_id: int, device_state: Mapping | None = None) -> tuple[ClientResult, dict]:
     """One FedSpine round on a device (see module doc). Returns the result and the device's
@@ -129,13 +168,8 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     ad = base.adapter
     keys = sorted(base.modules)
     params = list(base.named_trainable(keys).values())
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     state = dict(device_state or {})
-    if state.get("adamw") is not None and settings.keep_optimizer_state:
-        try:
-            opt.load_state_dict(state["adamw"])
-        except (ValueError, KeyError, RuntimeError):
-            pass  # rank changed since this device's last round: start fresh
+    opt = adamw(params, settings, state.get("adamw"))
     ema = ImportanceEMA(momentum)
     ema.load_state_dict(state.get("importance") or {})
 
@@ -150,46 +184,18 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     do_prune = target > s_start + 1e-9 and n_prune > 0
     parts_fn = lambda mod: peft_lora_parts(mod, f"r{task.rank}")  # noqa: E731  (SharedBaseModel names adapters r{rank})
     trainable = sum(p.numel() for p in params)
-    imp_flops = _importance_flops(base, keys, task.rank)
 
     batches = sample_batches(examples, steps, settings.grad_accum, settings.batch_size, seed)
     probe = collate(batches[0], pad_id)  # the reward's loss before/after: one fixed batch, same mode
-    losses, tokens, flops, prune_log = [], 0, 0.0, []
     handle = apply_masks(base.model, hm, cm)
     try:
         probe_before, probe_flops = _probe_loss(base, probe, settings, handle)
+        hook = _PruneWhileTuning(base, handle, ema, parts_fn, trainable, _importance_flops(base, keys, task.rank),
+                                 do_prune, n_prune, interval, target, s_start)
         base.model.train()
-        for s in range(steps):
-            opt.zero_grad(set_to_none=True)
-            step_loss, step_tokens = 0.0, 0
-            for mb in batches[s * settings.grad_accum:(s + 1) * settings.grad_accum]:
-                batch = collate(mb, pad_id)
-                loss = training_loss(base, batch, settings)  # chunked LM-head loss by default
-                (loss / settings.grad_accum).backward()
-                step_loss += float(loss.detach()) / settings.grad_accum
-                step_tokens += int(batch["attention_mask"].sum())
-            flops += train_flops(_params_through(base, handle.head_masks, handle.channel_masks), step_tokens,
-                                 trainable)
-            tokens += step_tokens
-            if do_prune:  # importance from this step's LoRA gradients (before clipping), smoothed
-                scores = update_model_importance(base.model, ema, parts_fn)
-                flops += imp_flops
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            losses.append(step_loss)
-            if do_prune and (s + 1) % interval == 0 and (s + 1) // interval <= n_prune:
-                t = (s + 1) // interval
-                ratio = cubic_sparsity(t, n_prune, target, s_start)
-                new_h, new_c = model_keep_masks(base.model, {i: v[0] for i, v in scores.items()},
-                                                {i: v[1] for i, v in scores.items()}, ratio,
-                                                prev=(handle.head_masks, handle.channel_masks))
-                for i in new_h:  # edit in place: the hooks read these dicts
-                    handle.head_masks[i] = new_h[i]
-                    handle.channel_masks[i] = new_c[i]
-                prune_log.append(ratio)
+        losses, tokens = train_steps(base, params, opt, batches, settings, pad_id, hook)
         probe_after, f_after = _probe_loss(base, probe, settings, handle)
-        flops += probe_flops + f_after
+        flops = hook.flops + (probe_flops + f_after)
         hm, cm = dict(handle.head_masks), dict(handle.channel_masks)
     finally:
         handle.remove()
@@ -207,11 +213,10 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
         # pruning damage and recovery both show, batch-to-batch noise does not
         "loss_before": probe_before, "loss_after": probe_after, "train_loss_tail": sum(tail) / len(tail),
         "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target,
-        "prune_steps": len(prune_log), "trainable_params": trainable,
+        "prune_steps": len(hook.prune_log), "trainable_params": trainable,
         "params_through": _params_through(base, hm, cm),
         "train_flops": flops, "wall_s": time.perf_counter() - t0,
     }
     keep = {"importance": ema.state_dict(),
-            "adamw": _detach_state(opt.state_dict()) if settings.keep_optimizer_state else None}
+            "adamw": detach_state(opt.state_dict()) if settings.keep_optimizer_state else None}
     return ClientResult(task.cid, task.round, task.rank, lora, masks, len(examples), metrics), keep
-

@@ -92,7 +92,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.
 def body_and_head(model: nn.Module, adapter=None) -> tuple[nn.Module, nn.Module]:
     """The decoder body and LM head of a (PEFT-wrapped) causal LM, via its architecture adapter."""
     if adapter is None:
-        from ..adapters import get_adapter
+        from ...adapters import get_adapter
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         adapter = get_adapter(inner)

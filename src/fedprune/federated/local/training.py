@@ -1,23 +1,27 @@
-"""Client side: what a device is asked to do (:class:`ClientTask`), what it returns
-(:class:`ClientResult`), and local LoRA training on the shared base (:func:`train_client`).
+"""Local training on a device: what a device is asked to do (:class:`ClientTask`), what it
+returns (:class:`ClientResult`), and the one local LoRA training loop (:func:`train_steps`).
 
-The same function serves the in-process simulator and the Flower ClientApp.
+:func:`train_client` is the plain device program (a submodel: layer subset, head and channel
+masks). A strategy with its own device program (FedSpine prunes while it tunes) runs the same
+:func:`train_steps` loop with a :class:`StepHook`, so the loss, the gradient accumulation, the
+clipping and the optimiser step exist once. The simulator and the Flower ClientApp call the
+same functions.
 """
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from .aggregators import compact
+from ..aggregators import compact
+from ..cost import payload_bytes, train_flops
+from ..lora import SharedBaseModel
+from ..partition import collate
+from ..submodel import lora_masks, submodel
 from .chunked_loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
-from .cost import payload_bytes, train_flops
-from .lora import SharedBaseModel
-from .partition import collate
-from .submodel import lora_masks, submodel
 
 
 @dataclass
@@ -42,7 +46,7 @@ class TrainSettings:
     """keep each client's AdamW moments between its rounds (swapped in and out with its LoRA)"""
     chunked_loss: bool = True
     """loss through the LM head in checkpointed chunks of the supervised tokens only, never the
-    full tokens x vocabulary logits (``federated.chunked_loss``); false: Hugging Face's ``labels=`` loss"""
+    full tokens x vocabulary logits (``federated.local.chunked_loss``); false: Hugging Face's ``labels=`` loss"""
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     """supervised tokens per LM-head chunk of the chunked loss (peak ~ 3 x chunk x vocab x 4 bytes)"""
 
@@ -101,6 +105,16 @@ class ClientResult:
         return payload_bytes(self.lora)
 
 
+class StepHook(Protocol):
+    """What a device program adds to the loop of :func:`train_steps`, step by step."""
+
+    def after_backward(self, step: int, tokens: int) -> None:
+        """The step's gradients are accumulated (not clipped yet); ``tokens`` it trained on."""
+
+    def after_step(self, step: int) -> None:
+        """The optimiser has stepped (FedSpine prunes here)."""
+
+
 def sample_batches(examples: Sequence[dict], steps: int, micro: int, batch: int, seed: int) -> list[list[dict]]:
     """``steps * micro`` micro-batches of ``batch`` examples, walking seeded epochs of the data."""
     rng = random.Random(seed)
@@ -125,6 +139,52 @@ def training_loss(base: SharedBaseModel, batch: Mapping[str, torch.Tensor], sett
     return base.peft(**batch).loss
 
 
+def adamw(params: Sequence[torch.nn.Parameter], settings: TrainSettings,
+          state: Mapping | None = None) -> torch.optim.AdamW:
+    """The local optimiser, resuming the moments in ``state`` when ``train.keep_optimizer_state``."""
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if state is not None and settings.keep_optimizer_state:
+        try:
+            opt.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError):
+            pass  # rank or layer set changed since the client's last round: start fresh
+    return opt
+
+
+def train_steps(base: SharedBaseModel, params: Sequence[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                batches: Sequence[Sequence[dict]], settings: TrainSettings, pad_id: int,
+                hook: StepHook | None = None) -> tuple[list[float], int]:
+    """The local training loop: ``len(batches) // grad_accum`` optimiser steps, each over
+    ``grad_accum`` micro-batches (loss averaged over them), gradients clipped to
+    ``max_grad_norm``. The caller puts the model in training mode (and any masks in force).
+
+    Returns the mean loss of every step and the number of tokens trained on.
+    """
+    ga = settings.grad_accum
+    if len(batches) % ga:
+        raise ValueError(f"{len(batches)} micro-batches are not a whole number of steps of {ga}")
+    losses, tokens = [], 0
+    for s in range(len(batches) // ga):
+        opt.zero_grad(set_to_none=True)
+        step_loss, step_tokens = 0.0, 0
+        for mb in batches[s * ga:(s + 1) * ga]:
+            batch = collate(mb, pad_id)
+            loss = training_loss(base, batch, settings)
+            (loss / ga).backward()
+            step_loss += float(loss.detach()) / ga
+            step_tokens += int(batch["attention_mask"].sum())
+        tokens += step_tokens
+        if hook is not None:
+            hook.after_backward(s, step_tokens)
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        opt.step()
+        losses.append(step_loss)
+        if hook is not None:
+            hook.after_step(s)
+    return losses, tokens
+
+
 def train_client(base: SharedBaseModel, task: ClientTask, examples: Sequence[dict], settings: TrainSettings,
                  seed: int, pad_id: int, optimizer_state: Mapping | None = None) -> tuple[ClientResult, dict | None]:
     """Fine-tune the task's LoRA on ``examples`` (tokenised) and return the update.
@@ -142,30 +202,12 @@ def train_client(base: SharedBaseModel, task: ClientTask, examples: Sequence[dic
         keep = set(task.layers)
         keys = [k for k in keys if base.layer_of(k) in keep]
     params = list(base.named_trainable(keys).values())
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if optimizer_state is not None and settings.keep_optimizer_state:
-        try:
-            opt.load_state_dict(optimizer_state)
-        except (ValueError, KeyError, RuntimeError):
-            pass  # rank or layer set changed since the client's last round: start fresh
+    opt = adamw(params, settings, optimizer_state)
     steps = task.local_steps or settings.local_steps
     batches = sample_batches(examples, steps, settings.grad_accum, settings.batch_size, seed)
     base.model.train()
-    losses, tokens = [], 0
     with submodel(base.adapter, task.layers, task.head_masks, task.channel_masks):
-        for s in range(steps):
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for mb in batches[s * settings.grad_accum:(s + 1) * settings.grad_accum]:
-                batch = collate(mb, pad_id)
-                loss = training_loss(base, batch, settings)
-                (loss / settings.grad_accum).backward()
-                step_loss += float(loss.detach()) / settings.grad_accum
-                tokens += int(batch["attention_mask"].sum())
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            losses.append(step_loss)
+        losses, tokens = train_steps(base, params, opt, batches, settings, pad_id)
     base.model.eval()
     full = base.lora_state(keys)
     masks = lora_masks(base.adapter, keys, task.head_masks, task.channel_masks)
@@ -182,17 +224,17 @@ def train_client(base: SharedBaseModel, task: ClientTask, examples: Sequence[dic
         "train_flops": train_flops(through, tokens, trainable),
         "wall_s": time.perf_counter() - t0,
     }
-    opt_state = opt.state_dict() if settings.keep_optimizer_state else None
-    if opt_state is not None:
-        opt_state = _detach_state(opt_state)
+    opt_state = detach_state(opt.state_dict()) if settings.keep_optimizer_state else None
     return ClientResult(task.cid, task.round, task.rank, lora, masks, len(examples), metrics), opt_state
 
 
-def _detach_state(state: Any) -> Any:
+def detach_state(state: Any) -> Any:
+    """A copy of an optimiser (or any nested) state whose tensors are detached from the graph and
+    from the live optimiser, so it can be kept between rounds and checkpointed."""
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
     if isinstance(state, dict):
-        return {k: _detach_state(v) for k, v in state.items()}
+        return {k: detach_state(v) for k, v in state.items()}
     if isinstance(state, list):
-        return [_detach_state(v) for v in state]
+        return [detach_state(v) for v in state]
     return state
