@@ -145,7 +145,7 @@ class Loopback:
 def in_process(config_file: str, overrides: list[str], out: Path):
     """The same run on the in-process simulator (one intra-op thread, as the SuperNodes use)."""
     from fedprune.federated.config import load_config
-    from fedprune.federated.simulation import Simulation
+    from fedprune.federated.runtime.simulation import Simulation
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from fedprune.federated import flower_app, simulation
+from fedprune.federated.runtime import flower_app, server, simulation
 from fedprune.federated.aggregators import coordinate_median, trimmed_mean
-from fedprune.federated.client import ClientResult, ClientTask
+from fedprune.federated.local import ClientResult, ClientTask
 from fedprune.federated.config import FederationSettings, load_config
 from fedprune.federated.lora import init_lora_state
 from fedprune.federated.robust import (
     aggregate_round, cap_weights, clip_scales, clip_update, lower_median, poisoning_client, robust_results,
 )
-from fedprune.federated.simulation import Simulation
+from fedprune.federated.runtime.simulation import Simulation
 from fedprune.federated.strategies import GlobalModel, make_strategy
-from fedprune.federated.validation import update_problem
+from fedprune.federated.runtime.validation import update_problem
 from fedprune.models.tiny import tiny_model
 
 T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
@@ -178,7 +178,8 @@ def test_config_refuses_senseless_combinations():
 
 # ---- the same step in both runtimes --------------------------------------------------------------
 def test_both_runtimes_call_the_shared_aggregation_step():
-    assert simulation.aggregate_round is aggregate_round and flower_app.aggregate_round is aggregate_round
+    assert simulation.aggregate is server.aggregate and flower_app.aggregate is server.aggregate
+    assert server.aggregate_round is aggregate_round
 
 
 def test_shared_step_caps_a_liar_as_the_flower_server_calls_it():
@@ -214,7 +215,7 @@ def _run(tokenizer, run_dir, extra=(), attack=False):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     sim = Simulation(cfg, run_dir, model=model, tokenizer=tokenizer)
     start = {k: v.clone() for k, v in sim.global_.tensors.items()}
-    liar = sim.strategy.select_clients(1, sim.clients, 3, sim.seed)[-1].cid
+    liar = sim.strategy.select_clients(1, sim.clients, 3, sim.seed, sim.global_)[-1].cid
     if attack:  # the liar declares 10^12 examples and sends 50 x its update (from the global it was sent)
         sim.tamper = poisoning_client(liar, lambda r: sim.global_.tensors, scale=50.0, num_examples=10**12)
     sim.run()

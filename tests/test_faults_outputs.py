@@ -311,7 +311,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(run, tmp_path, capsys)
 def test_a_crafted_flower_node_state_is_refused(tmp_path):
     from flwr.common import ConfigRecord, Context, RecordDict
 
-    from fedprune.federated.flower_app import DEVICE_STATE, _device_state, _store_device_state
+    from fedprune.federated.runtime.flower_app import DEVICE_STATE, _device_state, _store_device_state
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     keep = {"adamw": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
@@ -326,7 +326,7 @@ def test_a_crafted_flower_node_state_is_refused(tmp_path):
 
 
 def atomic_bytes(obj) -> bytes:
-    from fedprune.federated.run_state import torch_bytes
+    from fedprune.federated.runtime.run_state import torch_bytes
 
     return torch_bytes(obj)
 

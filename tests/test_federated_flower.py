@@ -18,7 +18,7 @@ def small_budget(overrides: list[str]) -> str:
     """A memory budget (in KB) holding 2 of the tiny model's 4 layers under FedPruner's memory model."""
     from fedprune.fedpruner import plan as fp
     from fedprune.federated.config import load_config
-    from fedprune.federated.simulation import load_base
+    from fedprune.federated.runtime.simulation import load_base
     from fedprune.federated.strategies import make_strategy
 
     cfg = load_config(None, [o for o in overrides if not o.startswith("federation.fleet")])

@@ -8,9 +8,9 @@ from fedprune.federated.aggregators import fedavg
 from fedprune.federated.local import ClientTask, TrainSettings, train_client
 from fedprune.federated.config import load_config
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
-from fedprune.federated.simulation import CHECKPOINT, RoundFailed, Simulation
+from fedprune.federated.runtime.simulation import CHECKPOINT, RoundFailed, Simulation
 from fedprune.federated.submodel import submodel
-from fedprune.federated.validation import update_problem
+from fedprune.federated.runtime.validation import update_problem
 from fedprune.models.tiny import tiny_model
 
 FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_per_client=6", "train.local_steps=2", "train.grad_accum=1",

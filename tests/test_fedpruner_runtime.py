@@ -11,7 +11,7 @@ from fedprune.federated.local import ClientResult, ClientTask, TrainSettings
 from fedprune.federated.config import load_config
 from fedprune.federated.devices import DEVICE_PROFILES, DeviceProfile
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
-from fedprune.federated.simulation import Simulation
+from fedprune.federated.runtime.simulation import Simulation
 from fedprune.federated.strategies import ClientInfo, GlobalModel, make_strategy
 from fedprune.fedpruner import plan as fp
 from fedprune.fedpruner.memory import ModelShape, TrainSetup
@@ -213,10 +213,16 @@ def test_reuse_stats_computes_them_once(tokenizer):
     st = make_strategy("fedpruner", base.settings, options={"reuse_stats": True})
     st.bind(model.config, cfg)
     task = ClientTask(3, 1, 4, init_lora_state(base.shapes, 4, 0), extra={"k": 2})
-    s1 = st.local_stats(base, task, examples, tokenizer.pad_token_id, 0)
-    s2 = st.local_stats(base, task, examples, tokenizer.pad_token_id, 99)
-    assert s1 is s2
+    kept = {}  # what the device keeps between its rounds
+    s1 = st.local_stats(base, task, examples, tokenizer.pad_token_id, 0, kept)
+    assert torch.equal(kept["stats"]["similarity"], s1.similarity)
+    other = examples[2:]  # another local batch: the statistics would differ if they were recomputed
+    s2 = st.local_stats(base, task, other, tokenizer.pad_token_id, 99, kept)
+    for f in ("similarity", "layer_importance", "attn_importance", "mlp_importance"):
+        assert torch.equal(getattr(s1, f), getattr(s2, f)), f
     assert torch.allclose(s1.similarity.diagonal(), torch.ones(LAYERS, dtype=torch.float64))
+    fresh = st.local_stats(base, task, other, tokenizer.pad_token_id, 99, {})  # nothing kept: recomputed
+    assert not torch.equal(fresh.layer_importance, s1.layer_importance)
 
 
 # ---- end to end ----------------------------------------------------------------------------------------

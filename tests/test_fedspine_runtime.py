@@ -9,7 +9,7 @@ import torch
 from fedprune.federated.local import ClientTask, TrainSettings
 from fedprune.federated.config import load_config
 from fedprune.federated.lora import LoraSettings, SharedBaseModel, init_lora_state
-from fedprune.federated.simulation import Simulation
+from fedprune.federated.runtime.simulation import Simulation
 from fedprune.federated.submodel import lora_masks
 from fedprune.fedspine.aggregate import masked_flexlora_aggregate, masked_lora_aggregate
 from fedprune.fedspine.device import (full_unit_masks, model_sparsity, train_fedspine_client,

@@ -117,7 +117,7 @@ def tokenizer():
 @pytest.mark.parametrize("name", sorted(FED_CASES))
 def test_federated_run_is_unchanged(tokenizer, tmp_path, name):
     from fedprune.federated.config import load_config
-    from fedprune.federated.simulation import Simulation
+    from fedprune.federated.runtime.simulation import Simulation
 
     model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=6)
     extra = list(FED_CASES[name])

@@ -113,7 +113,7 @@ def base_metrics(cfg) -> dict | None:
 def run_one(name: str) -> dict:
     from fedprune.federated.config import load_config
     from fedprune.federated.report import summarise
-    from fedprune.federated.simulation import CHECKPOINT, Simulation
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     cfg_path, overrides = RUNS[name]
     root = Path(__file__).resolve().parents[2]

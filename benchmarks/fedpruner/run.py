@@ -348,7 +348,7 @@ def class_specs() -> dict:
     import numpy as np
 
     from fedprune.federated.devices import DEVICE_PROFILES
-    from fedprune.federated.strategies_fedpruner import REFERENCE_SHAPE as shape, REFERENCE_SETUP as setup
+    from fedprune.federated.strategies.fedpruner import REFERENCE_SHAPE as shape, REFERENCE_SETUP as setup
     from fedprune.fedpruner import plan as fp
     from fedprune.fedpruner.memory import training_memory
 
@@ -439,7 +439,7 @@ def evaluate_zero_shot(sim, limit: int) -> dict:
 
 def run_method(name: str, res: dict, args) -> None:
     from fedprune.federated.config import load_config
-    from fedprune.federated.simulation import CHECKPOINT, Simulation
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     cfg_file = ROOT / "configs/federated" / ("fedpruner_plus.yaml" if name == "fedpruner_plus" else "fedpruner.yaml")
     over = COMMON + [f"federation.strategy={name}"] + EXTRA.get(name, [])
@@ -494,7 +494,7 @@ def _mean_layers(name, sim, ok) -> float:
 def run_base(res: dict, args) -> None:
     """The base model (no LoRA update): held-out loss, Rouge-L and zero-shot at the same sizes."""
     from fedprune.federated.config import load_config
-    from fedprune.federated.simulation import Simulation
+    from fedprune.federated.runtime.simulation import Simulation
 
     cfg = load_config(ROOT / "configs/federated/fedpruner.yaml", COMMON)
     sim = Simulation(cfg, OUT / "runs" / "_base")  # never run: its global LoRA has B = 0

@@ -143,7 +143,7 @@ def evaluate_model(model, tok, records, seq_len: int, full: bool) -> dict:
 def run_method(name: str, results: dict) -> None:
     import torch
 
-    from fedprune.federated.simulation import CHECKPOINT, Simulation
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     run_dir = OUT / "runs" / name
     cfg = method_config(name)

@@ -52,7 +52,7 @@ def run_one(name: str) -> dict:
     from fedprune.federated.config import load_config
     from fedprune.federated.report import summarise
     from fedprune.federated.robust import poisoning_client
-    from fedprune.federated.simulation import CHECKPOINT, Simulation
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     attacked, overrides, what = RUNS[name]
     root = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def update_distances(names: list[str]) -> dict[str, float]:
     import torch
 
     from fedprune.federated.lora import init_lora_state
-    from fedprune.federated.simulation import CHECKPOINT
+    from fedprune.federated.runtime.simulation import CHECKPOINT
 
     def final(name):
         return torch.load(OUT / "runs" / name / CHECKPOINT, weights_only=False)["tensors"]

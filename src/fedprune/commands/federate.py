@@ -27,8 +27,8 @@ def run(args) -> int:
     import torch
 
     from ..federated.config import load_config
-    from ..federated.run_state import check_resume
-    from ..federated.simulation import run_federated
+    from ..federated.runtime.run_state import check_resume
+    from ..federated.runtime.simulation import run_federated
     from ..outputs import check_run_output, check_run_to_resume, run_lock
 
     if args.threads:

@@ -15,7 +15,7 @@ from .local import TrainSettings
 from .devices import LINK_MODELS, parse_fleet
 from .evaluation import EvalSettings
 from .lora import LoraSettings
-from ..options import coerce, keyword_options, require_int, require_number
+from ..options import coerce, require_int, require_number
 
 
 @dataclass
@@ -62,7 +62,8 @@ class FederationSettings:
     """Rounds, sampling, fleet and faults."""
 
     strategy: str = "fedit"
-    """fedit, hetlora, flexlora or flora"""
+    """a registered strategy (``federated.strategies.STRATEGIES``): fedit, hetlora, flexlora, flora, fedspine,
+    fedpruner, fedpruner_plus and the memory-aware baselines"""
     rounds: int = 3
     clients_per_round: int = 3
     ranks: list[int] = field(default_factory=list)
@@ -95,10 +96,10 @@ class FederationSettings:
     """trimmed_mean: fraction of clients dropped at each end, per entry, in [0, 0.5)"""
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
-    """strategy-specific options passed to the strategy's constructor (fedspine: chooser, interval, ...)"""
+    """the strategy's options, checked against its ``Options`` dataclass (fedspine: chooser, interval, ...)"""
 
     def __post_init__(self):
-        from .strategies import STRATEGIES
+        from .strategies import STRATEGIES, strategy_options
 
         if self.strategy not in STRATEGIES:
             raise ValueError(f"federation.strategy {self.strategy!r} unknown; known: {', '.join(STRATEGIES.names())}")
@@ -107,10 +108,12 @@ class FederationSettings:
         require_int("federation.seed", self.seed, 0)
         for i, r in enumerate(self.ranks):
             require_int(f"federation.ranks[{i}]", r, 1)
-        # an unknown strategy option is refused here, by name, before any model is loaded
-        self.options = keyword_options(STRATEGIES.get(self.strategy).__init__, self.options or {},
-                                       f"federation.strategy {self.strategy!r} (federation.options)", skip=2,
-                                       prefix="federation.options.")
+        # checked against the strategy's Options dataclass here, before any model is loaded: an unknown
+        # option is refused by name, a value of the wrong type or range names the option; the given
+        # keys are kept (coerced), so the resolved config says what was set
+        given = dict(self.options or {})
+        checked = strategy_options(self.strategy, given)
+        self.options = {k: getattr(checked, k) for k in given}
         parse_fleet(self.fleet)
         if self.links not in LINK_MODELS:
             raise ValueError(f"federation.links must be one of {', '.join(LINK_MODELS)}, got {self.links!r}")
@@ -131,9 +134,8 @@ class FederationSettings:
                              f"got {self.aggregation!r}")
         if not 0 <= self.trim_ratio < 0.5:
             raise ValueError(f"federation.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
-        if self.aggregation != "mean" and not getattr(STRATEGIES.get(self.strategy), "supports_robust_aggregation",
-                                                      False):
-            ok = [n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "supports_robust_aggregation", False)]
+        if self.aggregation != "mean" and not STRATEGIES.get(self.strategy).supports_robust_aggregation:
+            ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n).supports_robust_aggregation]
             raise ValueError(f"federation.aggregation={self.aggregation} needs a strategy that averages entry by "
                              f"entry ({', '.join(ok)}); {self.strategy} does not: use aggregation=mean (with "
                              "clip_norm_ratio) instead")

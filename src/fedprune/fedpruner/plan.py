@@ -2,7 +2,7 @@
 statistics of the current global model on a local batch, and the chosen layers / sub-blocks.
 
 Everything here is a composition of the tested cores (``memory``, ``cka``, ``partition``,
-``selection``); the federated strategies (``federated.strategies_fedpruner``) only route.
+``selection``); the federated strategies (``federated.strategies.fedpruner``) only route.
 
 Memory budget -> K: ``memory.training_memory`` predicts live tensor bytes. With glibc as shipped
 the peak RSS is higher (freed activation blocks fragment the heap: about +0.75x the

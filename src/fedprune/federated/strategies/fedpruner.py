@@ -23,71 +23,94 @@ The global model is always the full model with the aggregated LoRA.
 Device side (``client_trainer``): the plan is made where the data is. The statistics forward is
 inference only (in a deployment it can stream one layer's weights at a time), so it does not
 raise the training peak the budget is about. With ``reuse_stats`` a device keeps the statistics
-of its first round (kept in this in-process object, not in the checkpoint).
+of its first round in the state it keeps between rounds (checkpointed by the simulator, kept in
+the node's state on Flower), next to its AdamW moments.
+
+State: everything that changes during a run is in ``GlobalModel.meta`` (``fallback_rounds``,
+``layer_rounds_trained``) or in the devices' kept state; ``last_plans`` is a diagnostic of this
+process (the last plan of each device it trained), which nothing reads back.
 """
 from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import replace
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..fedpruner import plan as fp
-from ..fedpruner.memory import ModelShape, TrainSetup
-from ..fedpruner.submodel import skip_blocks
-from . import aggregators as agg
-from .local import ClientResult, ClientTask, train_client
-from .cost import payload_bytes, train_flops
-from .partition import collate
-from .strategies import STRATEGIES, ClientInfo, GlobalModel, LoraStrategy
+from ...fedpruner import plan as fp
+from ...fedpruner.memory import ModelShape, TrainSetup
+from ...fedpruner.submodel import skip_blocks
+from .. import aggregators as agg
+from ..cost import payload_bytes, train_flops
+from ..local import ClientResult, ClientTask, train_client
+from ..partition import collate
+from .base import ClientInfo, GlobalModel, LoraStrategy
 
 ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+STATS_FIELDS = ("similarity", "layer_importance", "attn_importance", "mlp_importance")
+"""the fields of ``fedpruner.plan.LayerStats`` (plain tensors: they travel in a device's kept state)"""
 
 
 def _rng(seed: int, round_idx: int, cid: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(f"{seed}|{round_idx}|{cid}|{purpose}".encode()))
 
 
-class BudgetedStrategy(LoraStrategy):
-    """Memory-budgeted LoRA strategies: K per device from its declared budget, per-layer averaging.
+@dataclass
+class BudgetOptions:
+    """``federation.options`` of the memory-budgeted strategies (FedPruner, FedPruner+, baselines)."""
 
-    Options (``federation.options`` in the YAML):
-    ``temperature`` softmax temperature of the selection; ``reuse_stats`` compute CKA/importance
-    once per device; ``calib_examples`` examples in the local statistics batch;
-    ``objective`` partition objective; ``fixed_overhead_mb`` runtime overhead added to every
-    predicted peak; ``activation_slack`` extra activation bytes the allocator costs (0 when
-    ``MALLOC_MMAP_THRESHOLD_`` is pinned; ~0.75 for glibc as shipped); ``stats_tokens`` tokens
-    (a seeded subset of the local batch) for CKA and importances.
-    """
+    temperature: float = 0.5
+    """softmax temperature of the importance-aware selection"""
+    reuse_stats: bool = False
+    """compute CKA / importances once per device (its first round) and keep them on the device"""
+    calib_examples: int = 2
+    """examples in the local statistics batch"""
+    objective: str = "scatter"
+    """partition objective (``fedpruner.partition``)"""
+    fixed_overhead_mb: float = 0.0
+    """runtime overhead added to every predicted peak"""
+    activation_slack: float = 0.0
+    """extra activation bytes the allocator costs (0 when ``MALLOC_MMAP_THRESHOLD_`` is pinned;
+    ~0.75 for glibc as shipped)"""
+    stats_tokens: int = 128
+    """tokens (a seeded subset of the local batch) for CKA and importances"""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"federation.options.temperature must be > 0, got {self.temperature}")
+        if self.calib_examples < 1:
+            raise ValueError(f"federation.options.calib_examples must be >= 1, got {self.calib_examples}")
+        if self.activation_slack < 0 or self.fixed_overhead_mb < 0:
+            raise ValueError("federation.options.activation_slack and fixed_overhead_mb must be >= 0")
+
+
+class BudgetedStrategy(LoraStrategy):
+    """Memory-budgeted LoRA strategies: K per device from its declared budget, per-layer averaging
+    (options: :class:`BudgetOptions`)."""
 
     name = "budgeted"
+    Options = BudgetOptions
     needs_full_model = False
     supports_robust_aggregation = True  # per-entry averaging over holders: a median / trimmed mean also fits
 
-    def __init__(self, lora, ranks=None, temperature: float = 0.5, reuse_stats: bool = False,
-                 calib_examples: int = 2, objective: str = "scatter", fixed_overhead_mb: float = 0.0,
-                 activation_slack: float = 0.0, stats_tokens: int = 128):
-        super().__init__(lora, ranks)
-        if temperature <= 0:
-            raise ValueError(f"federation.options.temperature must be > 0, got {temperature}")
-        if calib_examples < 1:
-            raise ValueError(f"federation.options.calib_examples must be >= 1, got {calib_examples}")
-        if activation_slack < 0 or fixed_overhead_mb < 0:
-            raise ValueError("federation.options.activation_slack and fixed_overhead_mb must be >= 0")
-        self.temperature = float(temperature)
-        self.reuse_stats = bool(reuse_stats)
-        self.calib_examples = int(calib_examples)
-        self.objective = objective
-        self.fixed_overhead = int(fixed_overhead_mb * 2**20)
-        self.activation_slack = float(activation_slack)
-        self.stats_tokens = int(stats_tokens)
+    def __init__(self, lora, ranks=None, options: BudgetOptions | None = None):
+        super().__init__(lora, ranks, options)
+        o = self.options
+        self.temperature = float(o.temperature)
+        self.reuse_stats = bool(o.reuse_stats)
+        self.calib_examples = int(o.calib_examples)
+        self.objective = o.objective
+        self.fixed_overhead = int(o.fixed_overhead_mb * 2**20)
+        self.activation_slack = float(o.activation_slack)
+        self.stats_tokens = int(o.stats_tokens)
         self.shape: ModelShape | None = None
         self.setup: TrainSetup | None = None
-        self._stats: dict[int, fp.LayerStats] = {}
         self.seed = 0
+        self.last_plans: dict[int, dict] = {}
+        """diagnostics only: the last plan of each device this process trained (never read back)"""
 
     # ---- wiring -----------------------------------------------------------------------------
     def bind(self, model_config: Any, cfg: Any) -> None:
@@ -96,6 +119,8 @@ class BudgetedStrategy(LoraStrategy):
         self.setup = fp.setup_for(cfg.train.seq_len, cfg.train.batch_size, self.r_max, self.lora.target_modules,
                                   getattr(cfg.model, "dtype", "float32"), self.fixed_overhead, self.lora.dropout,
                                   getattr(cfg.train, "chunked_loss", True), getattr(cfg.train, "loss_chunk_tokens", 64))
+        # the run's seed, for the per-device draws (server: FedRA's layers; device: the plan)
+        self.seed = int(cfg.federation.seed)
 
     def _need_bound(self) -> None:
         if self.shape is None or self.setup is None:
@@ -112,19 +137,18 @@ class BudgetedStrategy(LoraStrategy):
         return k == self.shape.num_layers if self.needs_full_model else k >= 1
 
     # ---- server -------------------------------------------------------------------------------
-    def select_clients(self, round_idx, clients, k, seed):
+    def select_clients(self, round_idx, clients, k, seed, global_):
         """Sample ``k`` of all clients (the same draw for every method), then leave out those whose
         budget cannot hold this method's submodel. A round keeps at least one client: if none of
-        the sampled fit, one fitting client is drawn instead (noted in ``meta['fallback_rounds']``)."""
-        self.seed = seed
-        sampled = super().select_clients(round_idx, clients, k, seed)
+        the sampled fit, one fitting client is drawn instead (counted in ``meta['fallback_rounds']``)."""
+        sampled = super().select_clients(round_idx, clients, k, seed, global_)
         ok = [c for c in sampled if self.eligible(c)]
         if ok:
             return ok
         pool = [c for c in clients if self.eligible(c)]
         if not pool:
             raise ValueError(f"strategy {self.name!r}: no client's memory budget holds its submodel")
-        self._fallback = getattr(self, "_fallback", 0) + 1
+        global_.meta["fallback_rounds"] = int(global_.meta.get("fallback_rounds", 0)) + 1
         return [random.Random(f"{seed}|fallback|{round_idx}").choice(pool)]
 
     def task_extra(self, client: ClientInfo, round_idx: int) -> dict:
@@ -162,17 +186,22 @@ class BudgetedStrategy(LoraStrategy):
                 if i < len(counts):
                     counts[i] += 1
         meta["layer_rounds_trained"] = counts
-        meta["fallback_rounds"] = getattr(self, "_fallback", 0)
+        meta.setdefault("fallback_rounds", 0)
         return GlobalModel(new, global_.base_delta, meta)
 
     # ---- device --------------------------------------------------------------------------------
-    def device_plan(self, base, task: ClientTask, examples: Sequence[dict], pad_id: int, seed: int) -> fp.DevicePlan:
+    def device_plan(self, base, task: ClientTask, examples: Sequence[dict], pad_id: int, seed: int,
+                    kept: dict | None = None) -> fp.DevicePlan:
+        """The layers (and bypassed sub-blocks) the device trains; ``kept``: what the device keeps
+        between rounds (the statistics, with ``reuse_stats``)."""
         return fp.DevicePlan(list(task.layers or range(base.adapter.num_layers)), [], [], [])
 
-    def local_stats(self, base, task: ClientTask, examples: Sequence[dict], pad_id: int, seed: int) -> fp.LayerStats:
-        """CKA + importances of the received global model on a local batch (cached with ``reuse_stats``)."""
-        if self.reuse_stats and task.cid in self._stats:
-            return self._stats[task.cid]
+    def local_stats(self, base, task: ClientTask, examples: Sequence[dict], pad_id: int, seed: int,
+                    kept: dict | None = None) -> fp.LayerStats:
+        """CKA + importances of the received global model on a local batch. With ``reuse_stats`` the
+        first round's are kept in ``kept["stats"]`` (the device's state) and reused after."""
+        if self.reuse_stats and kept is not None and kept.get("stats") is not None:
+            return fp.LayerStats(**kept["stats"])
         base.load_lora(task.lora, task.rank)
         rng = random.Random(seed)
         batch = collate(rng.sample(list(examples), min(self.calib_examples, len(examples))), pad_id)
@@ -182,14 +211,18 @@ class BudgetedStrategy(LoraStrategy):
             stats = fp.layer_stats(base.peft, batch["input_ids"], batch["attention_mask"], self.stats_tokens, seed)
         finally:
             base.model.train(was_training)
-        if self.reuse_stats:
-            self._stats[task.cid] = stats
+        if self.reuse_stats and kept is not None:
+            kept["stats"] = {k: getattr(stats, k) for k in STATS_FIELDS}
         return stats
 
     def client_trainer(self, base, task: ClientTask, examples, settings, seed: int, pad_id: int,
-                       optimizer_state=None) -> tuple[ClientResult, dict | None]:
-        """Plan (if the device plans), then train only the planned layers / sub-blocks."""
-        plan = self.device_plan(base, task, examples, pad_id, seed)
+                       device_state: Mapping | None = None) -> tuple[ClientResult, dict | None]:
+        """Plan (if the device plans), then train only the planned layers / sub-blocks.
+
+        What the device keeps between rounds: its AdamW state as ``train_client`` returns it, or,
+        with ``reuse_stats``, ``{"adamw": ..., "stats": ...}``."""
+        kept = dict(device_state or {}) if self.reuse_stats else {"adamw": device_state}
+        plan = self.device_plan(base, task, examples, pad_id, seed, kept)
         if not plan.layers:
             raise ValueError(f"client {task.cid}: empty plan (budget {task.extra.get('memory_bytes')})")
         sub = replace(task, layers=plan.layers)
@@ -199,7 +232,7 @@ class BudgetedStrategy(LoraStrategy):
         use_cache, cfg.use_cache = getattr(cfg, "use_cache", None), False
         try:
             with skip_blocks(base.model, attn=plan.skip_attn, mlp=plan.skip_mlp):
-                res, opt = train_client(base, sub, examples, settings, seed, pad_id, optimizer_state)
+                res, opt = train_client(base, sub, examples, settings, seed, pad_id, kept.get("adamw"))
         finally:
             cfg.use_cache = use_cache
         if plan.skip_attn or plan.skip_mlp:
@@ -207,8 +240,9 @@ class BudgetedStrategy(LoraStrategy):
         res.metrics["layers_trained"] = float(len(plan.layers))
         res.metrics["attn_blocks"] = float(len(plan.layers) - len(plan.skip_attn))
         res.metrics["mlp_blocks"] = float(len(plan.layers) - len(plan.skip_mlp))
-        self.last_plans = getattr(self, "last_plans", {})
         self.last_plans[task.cid] = plan.to_dict()
+        if self.reuse_stats:
+            return res, {"adamw": opt, "stats": kept.get("stats")}
         return res, opt
 
     @staticmethod
@@ -230,19 +264,17 @@ class BudgetedStrategy(LoraStrategy):
                            train_flops=train_flops(through, int(res.metrics["tokens"]), trainable))
 
 
-@STRATEGIES.register("fedpruner")
 class FedPruner(BudgetedStrategy):
     """FedPruner: CKA groups + importance-aware selection of K layers per device (module doc)."""
 
     name = "fedpruner"
 
-    def device_plan(self, base, task, examples, pad_id, seed):
-        stats = self.local_stats(base, task, examples, pad_id, seed)
+    def device_plan(self, base, task, examples, pad_id, seed, kept=None):
+        stats = self.local_stats(base, task, examples, pad_id, seed, kept)
         return fp.fedpruner_plan(stats, int(task.extra["k"]), self.temperature,
                                  _rng(self.seed, task.round, task.cid, "fedpruner"), self.objective)
 
 
-@STRATEGIES.register("fedpruner_plus")
 class FedPrunerPlus(BudgetedStrategy):
     """FedPruner+: attention and FFN sub-blocks chosen independently under the same budget."""
 
@@ -262,14 +294,13 @@ class FedPrunerPlus(BudgetedStrategy):
         costs = fp.unit_costs(self.shape, self.setup, self.activation_slack)
         return fp.unit_budget(client.memory_bytes, self.shape, self.setup) >= min(costs.values())
 
-    def device_plan(self, base, task, examples, pad_id, seed):
-        stats = self.local_stats(base, task, examples, pad_id, seed)
+    def device_plan(self, base, task, examples, pad_id, seed, kept=None):
+        stats = self.local_stats(base, task, examples, pad_id, seed, kept)
         return fp.fedpruner_plus_plan(stats, float(task.extra["unit_budget"]), task.extra["unit_costs"],
                                       self.temperature, _rng(self.seed, task.round, task.cid, "fedpruner+"),
                                       self.objective)
 
 
-@STRATEGIES.register("fedit_full")
 class FedITFull(BudgetedStrategy):
     """FedIT on the full model; devices that cannot hold full-model LoRA training are left out."""
 
@@ -280,7 +311,6 @@ class FedITFull(BudgetedStrategy):
         return list(range(self.shape.num_layers))
 
 
-@STRATEGIES.register("depth_truncation")
 class DepthTruncation(BudgetedStrategy):
     """Each device trains the first K layers its budget holds (the rest are skipped)."""
 
@@ -290,7 +320,6 @@ class DepthTruncation(BudgetedStrategy):
         return fp.truncation_plan(self.shape.num_layers, extra["k"]).layers
 
 
-@STRATEGIES.register("fedra")
 class FedRA(BudgetedStrategy):
     """FedRA: a uniformly random allocation of K layers per device and round."""
 
@@ -300,7 +329,6 @@ class FedRA(BudgetedStrategy):
         return fp.random_plan(self.shape.num_layers, extra["k"], _rng(self.seed, round_idx, client.cid, "fedra")).layers
 
 
-@STRATEGIES.register("hetlora_full")
 class HetLoRAFull(BudgetedStrategy):
     """HetLoRA on the full model: rank = the largest of ``ranks`` the device's budget holds
     (devices holding none are left out); zero-padded, ``||B A||``-weighted aggregation."""
@@ -321,7 +349,8 @@ class HetLoRAFull(BudgetedStrategy):
 
     def aggregate_train(self, round_idx, results, global_):
         new = agg.hetlora_aggregate([r.lora for r in results], self.r_max)
-        meta = dict(global_.meta, fallback_rounds=getattr(self, "_fallback", 0))
+        meta = dict(global_.meta)
+        meta.setdefault("fallback_rounds", 0)
         return GlobalModel(new, global_.base_delta, meta)
 
 
@@ -351,7 +380,7 @@ BUDGET_CLASSES = {  # name: (fraction of full-model LoRA training memory, relati
 
 
 def _register_budget_classes() -> None:
-    from .devices import DEVICE_PROFILES, DeviceProfile
+    from ..devices import DEVICE_PROFILES, DeviceProfile
 
     full = full_training_bytes(REFERENCE_SHAPE, REFERENCE_SETUP)
     for name, (frac, thr, drop) in BUDGET_CLASSES.items():

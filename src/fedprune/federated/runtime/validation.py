@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from .aggregators import compact
-from .local import ClientResult, ClientTask
+from ..aggregators import compact
+from ..local import ClientResult, ClientTask
 
 
 def mask_problem(m) -> str | None:

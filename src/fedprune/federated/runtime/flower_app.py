@@ -36,19 +36,18 @@ import logging
 import shlex
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .. import atomic
-from .local import ClientResult, ClientTask, train_client
-from .config import FederatedConfig, load_config
-from .devices import parse_fleet
-from .strategies import ClientInfo, make_strategy
-from .robust import aggregate_round
+from ... import atomic
+from ..config import FederatedConfig, load_config
+from ..devices import parse_fleet
+from ..local import ClientResult, ClientTask
+from ..strategies import ClientInfo, RunView
+from .server import aggregate, build_strategy, client_seed, plan_round
 from .validation import update_problem
 
 log = logging.getLogger(__name__)
@@ -109,20 +108,14 @@ class _ClientRuntime:
     _cache: dict[str, "_ClientRuntime"] = {}
 
     def __init__(self, cfg: FederatedConfig):
-        from .lora import SharedBaseModel
-        from .partition import build_partitions
+        from ..lora import SharedBaseModel
+        from ..partition import build_partitions
         from .simulation import load_base
-
-        from .strategies import make_strategy
 
         model, self.tokenizer = load_base(cfg)
         self.base = SharedBaseModel(model, cfg.lora)
-        # the strategy object only to find its device program (FedSpine prunes while tuning)
-        fed = cfg.federation
-        strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
-        if getattr(strategy, "bind", None) is not None:
-            strategy.bind(model.config, cfg)
-        self.trainer = getattr(strategy, "client_trainer", None) or train_client
+        # the strategy object for its device program (FedSpine prunes while tuning, FedPruner plans)
+        self.strategy = build_strategy(cfg, model.config)
         parts = build_partitions(cfg.data.partition, cfg.data.num_clients, cfg.federation.seed, cfg.data.alpha,
                                  cfg.data.data_dir)
         cap = cfg.data.max_examples_per_client
@@ -138,7 +131,7 @@ class _ClientRuntime:
         return cls._cache[cfg_json]
 
     def examples(self, cid: int) -> list[dict]:
-        from .partition import tokenize_example
+        from ..partition import tokenize_example
 
         if cid not in self._tok:
             self._tok[cid] = [tokenize_example(self.tokenizer, r, self.cfg.train.seq_len) for r in self.partitions[cid]]
@@ -212,8 +205,8 @@ def client_train(msg: Message, context: Context) -> Message:
         if name.startswith("extra."):
             task.extra[name[len("extra."):]] = _nested_masks(_tensors(rec))
     rt.base.set_base_delta(_tensors(msg.content.array_records.get("base_delta")))
-    res, keep = rt.trainer(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]), rt.tokenizer.pad_token_id,
-                           _device_state(context))
+    res, keep = rt.strategy.client_trainer(rt.base, task, rt.examples(cid), rt.cfg.train, int(c["seed"]),
+                                           rt.tokenizer.pad_token_id, _device_state(context))
     _store_device_state(context, keep)
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update({"cid": cid, "round": task.round, "rank": task.rank, "num-examples": res.num_examples})
@@ -250,10 +243,10 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 300.0) -> list[int]:
 
 def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float = 3600.0) -> dict:
     """The federation over Flower: same strategy, validation and aggregation as the simulator."""
-    from .lora import SharedBaseModel
-    from .partition import load_test_set
-    from .evaluation import evaluate_global
-    from .simulation import client_seed, load_base
+    from ..evaluation import evaluate_global
+    from ..lora import SharedBaseModel
+    from ..partition import load_test_set
+    from .simulation import load_base
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run_dir / "config.yaml", __import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
@@ -261,9 +254,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     model, tok = load_base(cfg)
     base = SharedBaseModel(model, cfg.lora)
-    strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
-    if getattr(strategy, "bind", None) is not None:
-        strategy.bind(model.config, cfg)
+    strategy = build_strategy(cfg, model.config)
     global_ = strategy.init_global(base.shapes, fed.seed)
     test = load_test_set(cfg.data.data_dir)
 
@@ -292,8 +283,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
     atomic.append_jsonl(run_dir / "metrics.jsonl", {"round": 0, **evaluate()})
     for r in range(1, fed.rounds + 1):
         t0 = time.perf_counter()
-        selected = strategy.select_clients(r, infos, fed.clients_per_round, fed.seed)
-        tasks = {t.cid: t for t in strategy.configure_train(r, selected, global_, fed.seed)}
+        tasks = {t.cid: t for t in plan_round(strategy, r, infos, global_, fed)}
         msgs = []
         for cid, task in tasks.items():
             conf = {"fedprune-config": cfg_json, "cid": cid, "round": r, "rank": task.rank,
@@ -346,10 +336,10 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
         if not accepted:
             raise RuntimeError(f"round {r}: every selected client failed; the global model was not updated "
                                f"(see {run_dir / 'clients.jsonl'})")
-        accepted.sort(key=lambda x: x.cid)  # aggregation order must not depend on arrival order
-        # the same capping, clipping and averaging as the simulator; registered = sizes declared at the query
-        global_, robust_diag = aggregate_round(strategy, r, accepted, tasks, global_, fed,
-                                               {c.cid: c.num_examples for c in infos})
+        # the same capping, clipping and averaging as the simulator, in client order whatever the
+        # arrival order; registered = sizes declared at the query
+        global_, robust_diag = aggregate(strategy, r, accepted, tasks, global_, fed,
+                                         {c.cid: c.num_examples for c in infos})
         for d in robust_diag:
             atomic.append_jsonl(run_dir / "clients.jsonl", {**ok_recs[d["cid"]],
                                                              **{k: v for k, v in d.items() if k != "cid"}})
@@ -363,10 +353,8 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
     buf = io.BytesIO()
     torch.save({"tensors": global_.tensors, "base_delta": global_.base_delta, "meta": global_.meta}, buf)
     atomic.write_bytes(run_dir / "final_global.pt", buf.getvalue())
-    finalize = getattr(strategy, "finalize", None)  # FedSpine: bandit trace, deployable pruned models
-    if finalize is not None:
-        finalize(SimpleNamespace(run_dir=run_dir, global_=global_, base=base, tokenizer=tok,
-                                 fleet=parse_fleet(fed.fleet)))
+    # the strategy's own outputs (FedSpine: bandit trace, deployable pruned models)
+    strategy.finalize(RunView(run_dir, global_, base, tok, parse_fleet(fed.fleet)))
     return {"rounds": fed.rounds}
 
 

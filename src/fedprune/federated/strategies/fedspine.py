@@ -14,109 +14,126 @@ Server, each round:
 All server state (bandits incl. RNG, pending arms, masks, sparsities, the trace) lives in
 ``GlobalModel.meta`` and is checkpointed with it, so a resumed run continues exactly.
 
-Options (``federation.options`` in YAML), see ``FedSpine.__init__``. Not wired into the Flower
-app yet (its ClientApp calls the plain trainer).
+Options (``federation.options`` in YAML): :class:`FedSpineOptions`. On Flower, each node runs
+the same device program and keeps its importance averages in its node state.
 """
 from __future__ import annotations
 
 import json
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import aggregators as agg
-from .local import ClientTask
-from .lora import init_lora_state
-from .strategies import STRATEGIES, GlobalModel, LoraStrategy
+from .. import aggregators as agg
+from ..local import ClientTask
+from ..lora import init_lora_state
+from .base import GlobalModel, LoraStrategy, RunView
 
 log = logging.getLogger(__name__)
 
 TRACE_FILE = "bandit_trace.jsonl"
 
 
-@STRATEGIES.register("fedspine")
-class FedSpine(LoraStrategy):
-    """FedSpine (see module doc).
+@dataclass
+class FedSpineOptions:
+    """FedSpine's ``federation.options``.
 
-    Args:
-        ranks: the LoRA ranks a chooser may pick (``federation.ranks``; default 2, 4, 8, 16).
-        chooser: ``s-ucb`` (default), ``ucb1-grid`` or ``random`` (``fedspine.bandit.CHOOSERS``).
-            A uniform-pruning baseline is ``random`` with ``p_range: [p, p]`` and one rank.
-        p_range: ``[p_min, p_max]`` pruning ratios.
-        p_grid: the ratios of the ``ucb1-grid`` arms (default 6 values over ``p_range``).
-        interval: local steps between two pruning steps (the paper: 20).
-        reconcile: ``flexlora`` (SVD, default), ``hetlora`` (zero-padding) or ``fedavg`` (one rank).
-        reward: name in ``fedspine.reward.REWARDS``; ``reward_kwargs`` go to it. The pruning
-            progress it gets is ``sparsity / p_max`` (how far the device is along the range).
-        chooser_kwargs: extra arguments of the chooser (``c``, ``lipschitz``, ...).
-        fleet_warmup: pulls a device's own bandit needs before it decides (default 0: it decides
-            from its first pull). Until then the device's configuration comes from one fleet-wide
-            bandit of the same kind that every reward also feeds, so a device seen for the first
-            time starts from what the fleet has learnt instead of from blind exploration (its own
-            bandit still records every reward and takes over after ``fleet_warmup`` pulls). With
-            80 devices and a few selected per round, a device is picked a handful of times per
-            run, too few for its own bandit alone. No device profile is read either way. Within a
-            round the fleet bandit's earlier choices count as pending pulls (``select(pending=...)``),
-            so one round's cold devices spread over the promising configurations.
-        momentum: importance moving-average momentum on the device (0.9).
-        export: ``class`` (one deployable model per device class), ``all``, or ``none``.
-        global_ratio: sparsity of the exported global pruned model (default: the fleet's
-            average, over the devices that trained).
+    The LoRA ranks a chooser may pick are ``federation.ranks`` (default 2, 4, 8, 16).
+    A uniform-pruning baseline is ``chooser: random`` with ``p_range: [p, p]`` and one rank.
     """
 
+    chooser: str = "s-ucb"
+    """``s-ucb``, ``ucb1-grid`` or ``random`` (``fedspine.bandit.CHOOSERS``)"""
+    p_range: Sequence[float] = (0.1, 0.6)
+    """``[p_min, p_max]`` pruning ratios"""
+    p_grid: Sequence[float] | None = None
+    """the ratios of the ``ucb1-grid`` arms (default 6 values over ``p_range``)"""
+    interval: int = 20
+    """local steps between two pruning steps (the paper: 20)"""
+    reconcile: str = "flexlora"
+    """``flexlora`` (SVD), ``hetlora`` (zero-padding) or ``fedavg`` (one rank)"""
+    reward: str = "fedspine"
+    """name in ``fedspine.reward.REWARDS``; the pruning progress it gets is ``sparsity / p_max``
+    (how far the device is along the range)"""
+    reward_kwargs: dict | None = None
+    """extra arguments of the reward"""
+    chooser_kwargs: dict | None = None
+    """extra arguments of the chooser (``c``, ``lipschitz``, ...)"""
+    momentum: float = 0.9
+    """importance moving-average momentum on the device"""
+    export: str = "class"
+    """``class`` (one deployable model per device class), ``all``, or ``none``"""
+    global_ratio: float | None = None
+    """sparsity of the exported global pruned model (default: the fleet's average, over the
+    devices that trained)"""
+    fleet_warmup: int = 0
+    """pulls a device's own bandit needs before it decides (0: it decides from its first pull).
+    Until then the device's configuration comes from one fleet-wide bandit of the same kind that
+    every reward also feeds, so a device seen for the first time starts from what the fleet has
+    learnt instead of from blind exploration (its own bandit still records every reward and takes
+    over after ``fleet_warmup`` pulls). With 80 devices and a few selected per round, a device is
+    picked a handful of times per run, too few for its own bandit alone. No device profile is read
+    either way. Within a round the fleet bandit's earlier choices count as pending pulls
+    (``select(pending=...)``), so one round's cold devices spread over the promising configurations."""
+
+    def __post_init__(self):
+        from ...fedspine.aggregate import RECONCILE
+        from ...fedspine.bandit import CHOOSERS
+        from ...fedspine.reward import REWARDS
+
+        if self.chooser not in CHOOSERS:
+            raise ValueError(f"fedspine chooser {self.chooser!r} unknown; known: {', '.join(CHOOSERS)}")
+        if self.reconcile not in RECONCILE:
+            raise ValueError(f"fedspine reconcile {self.reconcile!r} unknown; known: {', '.join(RECONCILE)}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"fedspine reward {self.reward!r} unknown; known: {', '.join(REWARDS)}")
+        if len(self.p_range) != 2 or not 0 <= float(self.p_range[0]) <= float(self.p_range[1]) < 1:
+            raise ValueError(f"fedspine p_range must satisfy 0 <= p_min <= p_max < 1, got {list(self.p_range)}")
+        if self.interval < 1:
+            raise ValueError(f"fedspine interval must be >= 1, got {self.interval}")
+        if self.export not in ("class", "all", "none"):
+            raise ValueError(f"fedspine export must be class, all or none, got {self.export!r}")
+        if self.global_ratio is not None and not 0 <= self.global_ratio < 1:
+            raise ValueError(f"fedspine global_ratio must lie in [0, 1), got {self.global_ratio}")
+        if self.fleet_warmup < 0:
+            raise ValueError(f"fedspine fleet_warmup must be >= 0, got {self.fleet_warmup}")
+
+
+class FedSpine(LoraStrategy):
+    """FedSpine (see module doc); options: :class:`FedSpineOptions`."""
+
     name = "fedspine"
+    Options = FedSpineOptions
 
-    def __init__(self, lora, ranks=None, chooser: str = "s-ucb", p_range: Sequence[float] = (0.1, 0.6),
-                 p_grid: Sequence[float] | None = None, interval: int = 20, reconcile: str = "flexlora",
-                 reward: str = "fedspine", reward_kwargs: dict | None = None, chooser_kwargs: dict | None = None,
-                 momentum: float = 0.9, export: str = "class", global_ratio: float | None = None,
-                 fleet_warmup: int = 0):
-        from ..fedspine.aggregate import RECONCILE
-        from ..fedspine.bandit import CHOOSERS
-        from ..fedspine.reward import REWARDS
-
-        super().__init__(lora, ranks or [2, 4, 8, 16])
+    def __init__(self, lora, ranks=None, options: FedSpineOptions | None = None):
+        super().__init__(lora, ranks or [2, 4, 8, 16], options)
+        o = self.options
         self.ranks = sorted(set(self.ranks))
-        if chooser not in CHOOSERS:
-            raise ValueError(f"fedspine chooser {chooser!r} unknown; known: {', '.join(CHOOSERS)}")
-        if reconcile not in RECONCILE:
-            raise ValueError(f"fedspine reconcile {reconcile!r} unknown; known: {', '.join(RECONCILE)}")
-        if reconcile == "fedavg" and len(self.ranks) != 1:
+        if o.reconcile == "fedavg" and len(self.ranks) != 1:
             raise ValueError(f"reconcile=fedavg needs a single rank, got ranks={self.ranks}")
-        if reward not in REWARDS:
-            raise ValueError(f"fedspine reward {reward!r} unknown; known: {', '.join(REWARDS)}")
-        p_lo, p_hi = float(p_range[0]), float(p_range[1])
-        if not 0 <= p_lo <= p_hi < 1:
-            raise ValueError(f"fedspine p_range must satisfy 0 <= p_min <= p_max < 1, got {list(p_range)}")
-        if interval < 1:
-            raise ValueError(f"fedspine interval must be >= 1, got {interval}")
-        if export not in ("class", "all", "none"):
-            raise ValueError(f"fedspine export must be class, all or none, got {export!r}")
-        self.chooser, self.p_range, self.interval, self.reconcile = chooser, (p_lo, p_hi), int(interval), reconcile
-        self.p_grid = list(p_grid) if p_grid else [round(p_lo + (p_hi - p_lo) * i / 5, 4) for i in range(6)]
-        self.reward_name, self.reward_kwargs = reward, dict(reward_kwargs or {})
-        self.chooser_kwargs = dict(chooser_kwargs or {})
-        self.momentum, self.export = float(momentum), export
-        if global_ratio is not None and not 0 <= global_ratio < 1:
-            raise ValueError(f"fedspine global_ratio must lie in [0, 1), got {global_ratio}")
-        self.global_ratio = global_ratio
-        if fleet_warmup < 0:
-            raise ValueError(f"fedspine fleet_warmup must be >= 0, got {fleet_warmup}")
-        self.fleet_warmup = int(fleet_warmup)
+        p_lo, p_hi = float(o.p_range[0]), float(o.p_range[1])
+        self.chooser, self.p_range, self.interval, self.reconcile = o.chooser, (p_lo, p_hi), int(o.interval), o.reconcile
+        self.p_grid = list(o.p_grid) if o.p_grid else [round(p_lo + (p_hi - p_lo) * i / 5, 4) for i in range(6)]
+        self.reward_name, self.reward_kwargs = o.reward, dict(o.reward_kwargs or {})
+        self.chooser_kwargs = dict(o.chooser_kwargs or {})
+        self.momentum, self.export = float(o.momentum), o.export
+        self.global_ratio = o.global_ratio
+        self.fleet_warmup = int(o.fleet_warmup)
 
     # ---- the device program ------------------------------------------------------------
-    @property
-    def client_trainer(self):
-        from ..fedspine.device import train_fedspine_client
+    def client_trainer(self, base, task, examples, settings, seed, pad_id, device_state=None):
+        """Prune while tuning (``fedspine.device``); the device keeps its importance averages."""
+        from ...fedspine.device import train_fedspine_client
 
-        return train_fedspine_client
+        return train_fedspine_client(base, task, examples, settings, seed, pad_id, device_state)
 
     # ---- bandits (rebuilt from meta: the strategy object itself holds no state) ----------
     def _new_chooser(self, cid: int, seed: int):
-        from ..fedspine.bandit import make_chooser
+        from ...fedspine.bandit import make_chooser
 
         s = zlib.crc32(f"{seed}|chooser|{cid}".encode())
         if self.chooser == "ucb1-grid":
@@ -145,7 +162,7 @@ class FedSpine(LoraStrategy):
         return GlobalModel(tensors=init_lora_state(shapes, self.r_max, seed), meta=meta)
 
     def client_lora(self, global_: GlobalModel, rank: int, seed: int, svd: dict | None = None) -> dict[str, torch.Tensor]:
-        from ..fedspine.aggregate import distribute_from_svd, svd_cache
+        from ...fedspine.aggregate import distribute_from_svd, svd_cache
 
         if self.reconcile == "flexlora":
             if not global_.meta.get("aggregated"):
@@ -154,9 +171,9 @@ class FedSpine(LoraStrategy):
         return agg.truncate_rank(global_.tensors, rank)
 
     def configure_train(self, round_idx, clients, global_, seed):
-        from ..fedspine.bandit import Arm
+        from ...fedspine.bandit import Arm
 
-        from ..fedspine.aggregate import svd_cache
+        from ...fedspine.aggregate import svd_cache
 
         meta = global_.meta
         # one SVD per module and round, shared by every client whatever its rank
@@ -183,15 +200,15 @@ class FedSpine(LoraStrategy):
         return tasks
 
     def reward_of(self, metrics: dict, round_time: float) -> float:
-        from ..fedspine.reward import get_reward
+        from ...fedspine.reward import get_reward
 
         progress = metrics.get("sparsity", 0.0) / max(self.p_range[1], 1e-9)
         return float(get_reward(self.reward_name)(metrics["loss_before"], metrics["loss_after"], progress,
                                                   metrics["time_s"], round_time, **self.reward_kwargs))
 
     def aggregate_train(self, round_idx, results, global_):
-        from ..fedspine.aggregate import masked_flexlora_aggregate, masked_lora_aggregate
-        from ..fedspine.bandit import Arm
+        from ...fedspine.aggregate import masked_flexlora_aggregate, masked_lora_aggregate
+        from ...fedspine.bandit import Arm
 
         meta = dict(global_.meta)
         for k in ("bandits", "pending", "masks", "sparsity", "rounds"):
@@ -240,24 +257,24 @@ class FedSpine(LoraStrategy):
         return agg.lora_delta(global_.tensors, self.scaling(self.r_max))
 
     # ---- outputs ----------------------------------------------------------------------------
-    def finalize(self, sim) -> dict[str, Any]:
+    def finalize(self, run: RunView) -> dict[str, Any]:
         """Write the global LoRA, the bandit trace, the global pruned model at the fleet's average
         ratio and the devices' deployable models into the run directory (``fedspine/``)."""
-        from .. import atomic, save_model
-        from ..fedspine.device import full_unit_masks, model_sparsity, unit_masks_from_lora_masks
-        from ..fedspine.export import consensus_masks, deployable_model, plain_model_with_delta
-        from .evaluation import merged_delta
+        from ... import atomic
+        from ...fedspine.device import full_unit_masks, model_sparsity, unit_masks_from_lora_masks
+        from ...fedspine.export import consensus_masks, deployable_model, plain_model_with_delta
+        from ..evaluation import merged_delta
 
-        out_dir = Path(sim.run_dir) / "fedspine"
+        out_dir = Path(run.run_dir) / "fedspine"
         out_dir.mkdir(parents=True, exist_ok=True)
-        g = sim.global_
+        g = run.global_
         torch.save({"tensors": g.tensors, "reconcile": self.reconcile, "alpha": self.lora.alpha},
                    out_dir / "global_lora.pt")
-        atomic.write_text(Path(sim.run_dir) / TRACE_FILE,
-                          "".join(json.dumps({**t, "device_class": sim.fleet[t["device"]].name}) + "\n"
+        atomic.write_text(Path(run.run_dir) / TRACE_FILE,
+                          "".join(json.dumps({**t, "device_class": run.fleet[t["device"]].name}) + "\n"
                                   for t in g.meta.get("trace", [])))
         summary: dict[str, Any] = {"reconcile": self.reconcile, "chooser": self.chooser, "devices": {}}
-        ad = sim.base.adapter
+        ad = run.base.adapter
         masks = {int(k): full_unit_masks(ad, *unit_masks_from_lora_masks(ad, v)) for k, v in g.meta["masks"].items()}
         if not masks or self.export == "none":
             atomic.write_json(out_dir / "outputs.json", summary)
@@ -265,28 +282,28 @@ class FedSpine(LoraStrategy):
         delta = merged_delta(g.base_delta, self.eval_delta(g))
         spars = {cid: model_sparsity(ad, *m) for cid, m in masks.items()}
         avg = sum(spars.values()) / len(spars)
-        plain = plain_model_with_delta(sim.base, delta)
+        plain = plain_model_with_delta(run.base, delta)
         ratio = avg if self.global_ratio is None else self.global_ratio
         hm, cm = consensus_masks(plain, list(masks.values()), min(ratio, 0.99))
         del plain
         summary["fleet_average_sparsity"] = avg
-        summary["global"] = self._save(deployable_model(sim.base, delta, hm, cm), out_dir / "global_pruned",
-                                       sim.tokenizer, {"fedspine": {"role": "global", "target_ratio": ratio}},
+        summary["global"] = self._save(deployable_model(run.base, delta, hm, cm), out_dir / "global_pruned",
+                                       run.tokenizer, {"fedspine": {"role": "global", "target_ratio": ratio}},
                                        ad, hm, cm)
         chosen = sorted(masks)
         if self.export == "class":  # one representative per device class: the one that trained most
             best: dict[str, int] = {}
             for cid in chosen:
-                cls = sim.fleet[cid].name
+                cls = run.fleet[cid].name
                 n = g.meta["rounds"].get(str(cid), 0)
                 if cls not in best or n > g.meta["rounds"].get(str(best[cls]), 0):
                     best[cls] = cid
             chosen = sorted(best.values())
         for cid in chosen:
-            name = f"{sim.fleet[cid].name}-{cid}"
-            info = self._save(deployable_model(sim.base, delta, *masks[cid]), out_dir / "devices" / name,
-                              sim.tokenizer, {"fedspine": {"role": "device", "device": cid,
-                                                           "device_class": sim.fleet[cid].name}}, ad, *masks[cid])
+            name = f"{run.fleet[cid].name}-{cid}"
+            info = self._save(deployable_model(run.base, delta, *masks[cid]), out_dir / "devices" / name,
+                              run.tokenizer, {"fedspine": {"role": "device", "device": cid,
+                                                           "device_class": run.fleet[cid].name}}, ad, *masks[cid])
             summary["devices"][name] = info
         summary["device_sparsity"] = {str(k): v for k, v in spars.items()}
         atomic.write_json(out_dir / "outputs.json", summary)
@@ -296,8 +313,8 @@ class FedSpine(LoraStrategy):
 
     @staticmethod
     def _save(model, path: Path, tokenizer, extra: dict, adapter, hm, cm) -> dict:
-        from .. import save_model
-        from ..fedspine.device import model_sparsity
+        from ... import save_model
+        from ...fedspine.device import model_sparsity
 
         save_model(model, path, tokenizer=tokenizer, extra=extra, overwrite=True)  # its own run's outputs
         n = sum(p.numel() for p in model.parameters())

@@ -22,22 +22,19 @@ from __future__ import annotations
 import logging
 import resource
 import time
-import zlib
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from .. import atomic
-from .local import ClientResult, train_client
-from .config import FederatedConfig, dump_config
-from .devices import draws_dropout, parse_fleet, simulated_time
-from .evaluation import evaluate_global
-from .lora import SharedBaseModel
-from .partition import build_partitions, load_test_set, tokenize_example
+from ... import atomic
+from ..config import FederatedConfig, dump_config
+from ..devices import draws_dropout, parse_fleet, simulated_time
+from ..evaluation import evaluate_global
+from ..local import ClientResult
+from ..lora import SharedBaseModel
+from ..partition import build_partitions, load_test_set, tokenize_example
+from ..strategies import ClientInfo, GlobalModel, RunView
 from .run_state import CHECKPOINT, CHECKPOINT_FORMAT, check_resume, commit_resume, torch_bytes
-from .strategies import ClientInfo, GlobalModel, make_strategy
-from .robust import aggregate_round
+from .server import aggregate, build_strategy, client_seed, plan_round
 from .validation import update_problem
 
 log = logging.getLogger(__name__)
@@ -47,26 +44,22 @@ class RoundFailed(RuntimeError):
     """Every client of a round failed; the run directory still holds the last good state."""
 
 
-def client_seed(seed: int, round_idx: int, cid: int) -> int:
-    return zlib.crc32(f"{seed}|{round_idx}|{cid}|train".encode())
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def load_base(cfg: FederatedConfig):
     """(model, tokenizer) for ``cfg.model`` ('tiny-llama' builds a tiny random LLaMA)."""
-    from .. import load_model, load_tokenizer
+    from ... import load_model, load_tokenizer
 
     if cfg.model.tokenizer == "tiny-bpe":
-        from .tiny_tokenizer import tiny_bpe_tokenizer
+        from ..tiny_tokenizer import tiny_bpe_tokenizer
 
         tok = tiny_bpe_tokenizer(data_dir=cfg.data.data_dir)
     else:
         tok = load_tokenizer(cfg.model.tokenizer)
     if cfg.model.name == "tiny-llama":
-        from ..models.tiny import tiny_model
+        from ...models.tiny import tiny_model
 
         model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=max(256, cfg.train.seq_len))
     else:
@@ -96,10 +89,8 @@ class Simulation:
         self.partitions = [p[:cap] if cap else p for p in parts]
         self.fleet = parse_fleet(fed.fleet)[: cfg.data.num_clients]
         self.clients = [ClientInfo(c, len(p), self.fleet[c].memory_bytes) for c, p in enumerate(self.partitions)]
-        self.strategy = make_strategy(fed.strategy, cfg.lora, fed.ranks or None, fed.options)
-        bind = getattr(self.strategy, "bind", None)  # strategies that size submodels (FedPruner) need the shapes
-        if bind is not None:
-            bind(model.config, cfg)
+        # bound to the model: strategies that size submodels (FedPruner) need the shapes
+        self.strategy = build_strategy(cfg, model.config)
         self.test_records = load_test_set(cfg.data.data_dir)
         self.tamper = tamper
         self._tokenized: dict[int, list[dict]] = {}
@@ -160,7 +151,7 @@ class Simulation:
         """Run (or continue) the federation; ``stop_after`` ends early after that round (as an
         interruption would). ``initial_metrics`` replaces the round-0 evaluation of the base model
         (benchmarks reuse it across methods evaluated with the same settings)."""
-        from ..outputs import check_run_output, check_run_to_resume, run_lock
+        from ...outputs import check_run_output, check_run_to_resume, run_lock
 
         # a new run needs a missing or empty directory; the run holds the directory's lock throughout
         check_run_to_resume(self.run_dir) if resume else check_run_output(self.run_dir)
@@ -169,7 +160,7 @@ class Simulation:
             return self._run_locked(resume, stop_after, initial_metrics)
 
     def _run_locked(self, resume: bool, stop_after: int | None, initial_metrics: dict | None) -> GlobalModel:
-        from ..outputs import check_run_output
+        from ...outputs import check_run_output
 
         if resume:
             self.resume()
@@ -186,17 +177,19 @@ class Simulation:
             self.run_round(self.round + 1)
             if stop_after is not None and self.round >= stop_after:
                 break
-        finalize = getattr(self.strategy, "finalize", None)  # e.g. FedSpine exports deployable models
-        if finalize is not None and self.round >= rounds:
-            finalize(self)
+        if self.round >= rounds:  # the strategy's own outputs (FedSpine: deployable models)
+            self.strategy.finalize(self.view())
         return self.global_
+
+    def view(self) -> RunView:
+        """The run as a strategy's ``finalize`` sees it (the same type on Flower)."""
+        return RunView(self.run_dir, self.global_, self.base, self.tokenizer, self.fleet)
 
     def run_round(self, r: int) -> dict:
         cfg, fed = self.cfg, self.cfg.federation
         t_round = time.perf_counter()
         t = time.perf_counter()
-        selected = self.strategy.select_clients(r, self.clients, fed.clients_per_round, self.seed)
-        tasks = self.strategy.configure_train(r, selected, self.global_, self.seed)
+        tasks = plan_round(self.strategy, r, self.clients, self.global_, fed)
         self.base.set_base_delta(self.global_.base_delta)
         server_s = time.perf_counter() - t
         accepted: list[ClientResult] = []
@@ -212,11 +205,10 @@ class Simulation:
                 cut_short = True
                 continue
             tc = time.perf_counter()
-            # a strategy may bring its own device program (FedSpine: prune while tuning)
-            trainer = getattr(self.strategy, "client_trainer", None) or train_client
-            res, opt = trainer(self.base, task, self.examples(task.cid), cfg.train,
-                                    client_seed(self.seed, r, task.cid), self.tokenizer.pad_token_id,
-                                    self.opt_states.get(task.cid))
+            # the strategy's device program (FedSpine: prune while tuning; most: plain LoRA training)
+            res, opt = self.strategy.client_trainer(self.base, task, self.examples(task.cid), cfg.train,
+                                                    client_seed(self.seed, r, task.cid), self.tokenizer.pad_token_id,
+                                                    self.opt_states.get(task.cid))
             client_wall += time.perf_counter() - tc
             if self.tamper is not None:
                 res = self.tamper(res)
@@ -253,8 +245,8 @@ class Simulation:
             )
         ta = time.perf_counter()
         # capped weights (the server knows each partition's size), clipped updates, robust average
-        self.global_, robust_diag = aggregate_round(self.strategy, r, accepted, {t.cid: t for t in tasks},
-                                                    self.global_, fed, {c.cid: c.num_examples for c in self.clients})
+        self.global_, robust_diag = aggregate(self.strategy, r, accepted, {t.cid: t for t in tasks},
+                                              self.global_, fed, {c.cid: c.num_examples for c in self.clients})
         by_cid = {d["cid"]: d for d in robust_diag}
         for rec in records:
             if rec["status"] == "ok":

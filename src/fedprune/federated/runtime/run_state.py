@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .. import atomic
-from .config import FederatedConfig, dump_config, load_config
+from ... import atomic
+from ..config import FederatedConfig, dump_config, load_config
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fedprune-fedstate/1"
