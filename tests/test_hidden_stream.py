@@ -6,7 +6,7 @@ import fedprune
 from fedprune.adapters import get_adapter
 from fedprune.models.tiny import tiny_model
 from fedprune.pruning.activations import HiddenStream
-from fedprune.pruning.methods.comp import block_influence_scores
+from fedprune.pruning.criteria.layer import block_influence_scores
 
 
 @pytest.mark.parametrize("offload", ["memory", "disk"])

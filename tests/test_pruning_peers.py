@@ -6,7 +6,7 @@ import fedprune
 from fedprune.adapters import get_adapter
 from fedprune.models.tiny import tiny_model
 from fedprune.pruning import available_methods
-from fedprune.pruning.methods.peers import activation_moments, magnitude_scores
+from fedprune.pruning.criteria.units import activation_moments, magnitude_scores
 
 NEURON_PEERS = ["magnitude", "wanda_sp", "flap", "llm_pruner"]
 

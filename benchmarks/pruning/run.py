@@ -24,7 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"  # --results-dir overrides
 
-PEERS = ["magnitude", "wanda_sp", "flap", "llm_pruner", "shortgpt", "sleb"]
+def _registered_peers() -> list[str]:
+    from fedprune.pruning import available_methods  # the registry: a new method joins the grid
+
+    return [m for m in available_methods() if m != "comp"]
+
+
+PEERS = _registered_peers()
 # name -> (method, options)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "comp": ("comp", {}),

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import fraction_or_auto, int_at_least, nonnegative_int, positive_int, require_number
 import json
+
+from ..options import fraction_or_auto, int_at_least, nonnegative_int, positive_int, require_number
 
 
 def _value(v: str):
@@ -16,9 +17,29 @@ def _value(v: str):
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
+def methods_help() -> str:
+    """Every registered method with its one-line summary and its options (type, default, doc),
+    read from the registry and the options dataclasses: the ``--help`` epilog."""
+    from ..option_docs import describe_options
+    from ..pruning.methods import METHODS
+
+    lines = ["methods and their options (-o KEY=VALUE):"]
+    for name, m in METHODS.items():
+        lines += ["", f"  {name}: {m.summary}", describe_options(m.options)]
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..pruning.criteria.neuron import NEURON_CRITERIA
+    from ..pruning.methods import METHODS
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the epilog's layout
+    p.epilog = methods_help()
     p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
-    p.add_argument("--method", default="comp", help="comp, magnitude, wanda_sp, flap, llm_pruner, shortgpt, sleb")
+    # choices from the registry, shown in the metavar; a wrong name is refused by the registry
+    # before loading (with the known names), like an unknown -o key
+    p.add_argument("--method", default="comp", metavar="{" + ",".join(METHODS.names()) + "}",
+                   help="pruning method (listed with their options below; default comp)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 1)")
     p.add_argument("--calibration", default="c4", help="calibration corpus (c4, wikitext2, ...)")
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples")
@@ -29,10 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--layer-fraction", type=fraction_or_auto, default=None,
                    help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
-    p.add_argument("--neuron-metric", default=None, help="COMP: energy, vif, compensated, mask_lsq, cond_loo")
+    p.add_argument("--neuron-metric", default=None, metavar="{" + ",".join(NEURON_CRITERIA.names()) + "}",
+                   help="COMP: neuron criterion")
     p.add_argument("--no-mask-tuning", action="store_true", help="COMP: skip mask tuning")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra method option, e.g. -o head_sparsity=0 -o batch_size=4")
+                   help="method option (see the list below), e.g. -o head_sparsity=0 -o batch_size=4")
     p.add_argument("--output", required=True, help="directory for the pruned model (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what is at --output (never the current directory, its parents or a home)")

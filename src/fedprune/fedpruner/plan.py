@@ -110,7 +110,9 @@ class LayerStats:
 
 
 def _one_minus_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean()
+    from ..pruning.criteria.layer import block_influence  # Block Influence, written once
+
+    return block_influence(x, y)
 
 
 @torch.no_grad()

@@ -66,9 +66,10 @@ def layer_io(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 @LAYER_IMPORTANCE.register("cosine")
 def cosine_importance(io: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``[L]``: ``1 - mean_t cos(x_t, y_t)`` from ``layer_io`` pairs."""
-    return torch.stack([1.0 - torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean()
-                        for x, y in io]).float()
+    """``[L]``: Block Influence ``1 - mean_t cos(x_t, y_t)`` from ``layer_io`` pairs."""
+    from ..pruning.criteria.layer import block_influence
+
+    return torch.stack([block_influence(x, y) for x, y in io]).float()
 
 
 @LAYER_IMPORTANCE.register("skip_loss")

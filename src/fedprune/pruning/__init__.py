@@ -1,9 +1,9 @@
 """Post-training structured pruning: COMP and its peers, behind one ``prune`` call.
 
-A method is a function ``fn(adapter, calib_ids, ratio, **options) -> report`` that prunes
-``adapter.model`` in place, registered by name in :data:`PRUNERS`. Scoring (``criteria``),
-surgery (the adapters), recovery (``mask_tuning``) and orchestration (``methods``) are
-kept apart.
+A method (``methods/<name>.py``) is ``run(adapter, calib_ids, ratio, options) -> report``; it
+prunes ``adapter.model`` in place and is registered by name with its options dataclass in
+:data:`METHODS` (``methods/__init__.py``). Scoring (``criteria``), surgery (the adapters),
+recovery (``mask_tuning``, ``bias_compensation``) and orchestration (``methods``) are kept apart.
 """
 from __future__ import annotations
 
@@ -19,15 +19,10 @@ import torch
 
 from ..adapters import get_adapter
 from .activations import release_free_memory
-from ..registry import Registry
 from .budget import check_ratio
+from .methods import METHODS
 
 log = logging.getLogger(__name__)
-
-PRUNERS: Registry[Callable[..., dict[str, Any]]] = Registry("pruning method")
-PRUNER_OPTIONS: Registry[type] = Registry("pruning method's options")
-"""method name -> its options dataclass (unknown keys are refused by name, before any work)"""
-
 
 @dataclass
 class PruneResult:
@@ -47,25 +42,8 @@ class PruneResult:
         return d
 
 
-def _register_builtin() -> None:
-    if "comp" in PRUNERS:
-        return
-    from .methods.comp import CompOptions, comp_prune
-
-    def comp(adapter, ids, ratio, **options):
-        return comp_prune(adapter, ids, ratio, method_options("comp", options))
-
-    PRUNERS.register("comp", comp)
-    PRUNER_OPTIONS.register("comp", CompOptions)
-    try:
-        from .methods import peers  # noqa: F401  (registers the peer methods)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def available_methods() -> list[str]:
-    _register_builtin()
-    return PRUNERS.names()
+    return METHODS.names()
 
 
 def method_options(method: str, options: dict[str, Any]) -> Any:
@@ -73,9 +51,7 @@ def method_options(method: str, options: dict[str, Any]) -> Any:
     value out of range, raises naming it (and the known ones), before anything is loaded."""
     from ..options import build_options
 
-    _register_builtin()
-    PRUNERS.get(method)  # unknown method: KeyError with the known names
-    return build_options(PRUNER_OPTIONS.get(method), options, f"pruning method {method!r}")
+    return build_options(METHODS.get(method).options, options, f"pruning method {method!r}")
 
 
 def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: int, data_dir=None) -> torch.Tensor:
@@ -100,9 +76,8 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
     output is checked (and locked against a concurrent writer) before any pruning, and what is
     already there is replaced only with ``overwrite=True`` (rules: :mod:`fedprune.outputs`).
     """
-    _register_builtin()
     ratio = check_ratio(ratio)
-    fn = PRUNERS.get(method)
+    fn = METHODS.get(method)
     if output is None:
         return _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids,
                       data_dir, None, False, options)
@@ -116,7 +91,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
 
 def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids, data_dir,
            output, overwrite, options) -> PruneResult:
-    method_options(method, options)
+    opts = method_options(method, options)
     adapter = get_adapter(model)
     if calib_ids is None:
         from ..models.loading import check_context
@@ -131,7 +106,7 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    report = fn(adapter, calib_ids, ratio, **options)
+    report = fn.run(adapter, calib_ids, ratio, opts)
     model.train(was_training)
     wall = time.perf_counter() - t0
     after = adapter.num_parameters()
@@ -162,4 +137,4 @@ def _peak_rss(proc: psutil.Process) -> int:
     return proc.memory_info().rss
 
 
-__all__ = ["PRUNERS", "PRUNER_OPTIONS", "PruneResult", "prune", "available_methods", "method_options"]
+__all__ = ["METHODS", "PruneResult", "prune", "available_methods", "method_options"]

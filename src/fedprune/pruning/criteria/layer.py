@@ -1,16 +1,83 @@
-"""Layer importance."""
+"""Layer importance: Block Influence (ShortGPT) and SLEB's calibration-loss removal order.
+
+Block Influence is written once here; COMP, ShortGPT and FedPruner's layer and sub-block
+importances all call :func:`block_influence`.
+"""
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
+
+from ...adapters import DecoderAdapter
+from ..activations import release_free_memory
+from ..layerwise import capture_layer0_stream, run_layer
 
 
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     """Block Influence (ShortGPT): ``BI = 1 - mean_t cos(x_in_t, x_out_t)`` over tokens.
 
-    ``x_in``, ``x_out``: hidden states entering and leaving a block, ``[..., d]``.
-    A block that barely rotates its input (BI near 0) can be removed cheaply.
+    ``x_in``, ``x_out``: hidden states entering and leaving a block, ``[..., d]``; returns a
+    0-dim float64 tensor. A block that barely rotates its input (BI near 0) can be removed cheaply.
     """
     a = x_in.reshape(-1, x_in.shape[-1]).double()
     b = x_out.reshape(-1, x_out.shape[-1]).double()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
-    return float(1.0 - cos.mean())
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).mean()
+
+
+@torch.no_grad()
+def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8,
+                           offload: str = "auto", scratch_dir=None) -> list[float]:
+    """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time.
+
+    Batch by batch: ``BI = 1 - mean_t cos`` is accumulated as a token-weighted mean, and each
+    batch's output overwrites its input in the stream (one ``N x L x d`` buffer in all).
+    """
+    x, kw = capture_layer0_stream(adapter, ids, batch_size, offload, scratch_dir)
+    scores = []
+    with x:
+        for layer in tqdm(adapter.layers, desc="block influence", leave=False):
+            total, count = 0.0, 0
+            for b, xb in x.batches():
+                yb = run_layer(layer, xb, kw, batch_size)
+                tokens = xb.shape[0] * xb.shape[1]
+                total += float(block_influence(xb, yb)) * tokens
+                count += tokens
+                x.write(b, yb)
+            scores.append(total / count)
+    release_free_memory()
+    return scores
+
+
+def lowest(scores: list[float], n: int) -> list[int]:
+    """Indices of the ``n`` lowest scores, ascending by index (the layers to remove)."""
+    return sorted(int(i) for i in torch.argsort(torch.tensor(scores))[:n])
+
+
+@torch.no_grad()
+def calibration_nll(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token NLL of the model on calibration ``ids`` ``[N, L]``, ``batch_size`` rows at a time."""
+    out = adapter.model(input_ids=ids, labels=ids, use_cache=False) if ids.shape[0] <= batch_size else None
+    if out is not None:
+        return float(out.loss)
+    tot = 0.0
+    for i in range(0, ids.shape[0], batch_size):
+        b = ids[i:i + batch_size]
+        tot += float(adapter.model(input_ids=b, labels=b, use_cache=False).loss) * b.shape[0]
+    return tot / ids.shape[0]
+
+
+@torch.no_grad()
+def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8) -> list[int]:
+    """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices."""
+    alive = list(range(adapter.num_layers))
+    removed: list[int] = []
+    for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
+        best, best_nll = None, float("inf")
+        for cand in alive:
+            with adapter.only_layers([i for i in alive if i != cand]):
+                nll = calibration_nll(adapter, ids, batch_size)
+            if nll < best_nll:
+                best, best_nll = cand, nll
+        alive.remove(best)
+        removed.append(best)
+    return sorted(removed)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ...adapters import DecoderAdapter
 from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets
-from ..criteria.layer import block_influence
+from ..criteria.layer import block_influence_scores, calibration_nll, lowest, sleb_removal
 from ..criteria.neuron import NEURON_CRITERIA, removal_order
 from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
 from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll, hooks, run_layer
@@ -53,6 +53,7 @@ class CompOptions:
     neuron_metric: str = "mask_lsq"
     """One of ``criteria.neuron.NEURON_CRITERIA``."""
     mask_tuning: bool = True
+    """Recover each pruned layer by mask tuning (one least-squares scale per kept head / channel)."""
     head_sparsity: float | None = 0.0
     """Fraction of query heads removed per KV group; ``None``: same as the layer's sparsity; 0 (default): no
     head pruning. SmolLM2 has 3 query heads per KV group, so any head pruning removes a third of them, which
@@ -64,6 +65,7 @@ class CompOptions:
     max_layer_sparsity: float = 0.9
     """No kept layer loses more than this share of its attention + FFN parameters."""
     damp: float = 0.01
+    """Damping of the criteria's and mask tuning's linear systems, relative to their mean diagonal."""
     batch_size: int = 4
     """Calibration samples per forward pass (the transient activations of one pass scale with it)."""
     offload: str = "auto"
@@ -72,7 +74,9 @@ class CompOptions:
     scratch_dir: str | None = None
     """Directory for spilled streams (default: the system's temporary directory)."""
     auto_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    """Layer fractions tried by ``layer_fraction="auto"``."""
     auto_nsamples: int = 16
+    """Calibration samples per ``auto`` trial (as many again are held out to score it)."""
 
     def __post_init__(self):
         if self.layer_fraction != "auto" and not 0.0 <= float(self.layer_fraction) <= 1.0:
@@ -95,59 +99,6 @@ class CompOptions:
         require_int("auto_nsamples", self.auto_nsamples, 1)
         for c in self.auto_candidates:
             require_number("auto_candidates[]", c, 0.0, 1.0)
-
-
-@torch.no_grad()
-def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8,
-                           offload: str = "auto", scratch_dir=None) -> list[float]:
-    """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time.
-
-    Batch by batch: ``BI = 1 - mean_t cos`` is accumulated as a token-weighted mean, and each
-    batch's output overwrites its input in the stream (one ``N x L x d`` buffer in all).
-    """
-    x, kw = capture_layer0_stream(adapter, ids, batch_size, offload, scratch_dir)
-    scores = []
-    with x:
-        for layer in tqdm(adapter.layers, desc="block influence", leave=False):
-            total, count = 0.0, 0
-            for b, xb in x.batches():
-                yb = run_layer(layer, xb, kw, batch_size)
-                tokens = xb.shape[0] * xb.shape[1]
-                total += block_influence(xb, yb) * tokens
-                count += tokens
-                x.write(b, yb)
-            scores.append(total / count)
-    release_free_memory()
-    return scores
-
-
-@torch.no_grad()
-def calibration_nll(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> float:
-    out = adapter.model(input_ids=ids, labels=ids, use_cache=False) if ids.shape[0] <= batch_size else None
-    if out is not None:
-        return float(out.loss)
-    tot = 0.0
-    for i in range(0, ids.shape[0], batch_size):
-        b = ids[i:i + batch_size]
-        tot += float(adapter.model(input_ids=b, labels=b, use_cache=False).loss) * b.shape[0]
-    return tot / ids.shape[0]
-
-
-@torch.no_grad()
-def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8) -> list[int]:
-    """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices."""
-    alive = list(range(adapter.num_layers))
-    removed: list[int] = []
-    for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
-        best, best_nll = None, float("inf")
-        for cand in alive:
-            with adapter.only_layers([i for i in alive if i != cand]):
-                nll = calibration_nll(adapter, ids, batch_size)
-            if nll < best_nll:
-                best, best_nll = cand, nll
-        alive.remove(best)
-        removed.append(best)
-    return sorted(removed)
 
 
 def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torch.Tensor:
@@ -257,7 +208,7 @@ def _select_layers(adapter: DecoderAdapter, ids: torch.Tensor, n_layers: int, op
     if opts.layer_metric == "sleb":
         return sleb_removal(adapter, ids, n_layers, opts.batch_size), None
     bi = block_influence_scores(adapter, ids, opts.batch_size, opts.offload, opts.scratch_dir)
-    return sorted(int(i) for i in torch.argsort(torch.tensor(bi))[:n_layers]), bi
+    return lowest(bi, n_layers), bi
 
 
 def comp_prune(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: CompOptions) -> dict[str, Any]:

@@ -1,0 +1,37 @@
+"""Steps shared by several pruning methods: uniform per-layer unit removal, layer counts."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ...adapters import DecoderAdapter
+from ..budget import layers_for_params, neuron_targets
+from ..selection import apply_scores
+
+
+def prune_units_uniformly(adapter: DecoderAdapter, ratio: float,
+                          score_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """Remove the same share of heads and FFN channels in every layer, lowest ``score_fn(i)``
+    (``(head scores, channel scores)`` of layer ``i``) first, to meet ``ratio`` of all parameters."""
+    total = adapter.num_parameters()
+    targets = neuron_targets(adapter, list(range(adapter.num_layers)), int(ratio * total))
+    report = []
+    for i, tgt in enumerate(targets):
+        hs, cs = score_fn(i)
+        report.append({"layer": i, **{k: (len(v) if isinstance(v, list) else v)
+                                       for k, v in apply_scores(adapter, i, tgt, hs, cs).items()}})
+    return {"layers": report}
+
+
+def layers_for_ratio(adapter: DecoderAdapter, ratio: float) -> int:
+    """Whole layers to remove for ``ratio`` of all parameters (at least one, fewer than all)."""
+    n = max(1, layers_for_params(adapter, ratio * adapter.num_parameters()))
+    if n >= adapter.num_layers:
+        raise ValueError(f"ratio {ratio} asks for {n} of {adapter.num_layers} layers: more layers than exist")
+    return n
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` (zeros for a single element): puts scores of different units on one scale."""
+    return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0

@@ -1,0 +1,118 @@
+"""FLAP (An et al., 2024): fluctuation-scored heads and channels, removed globally, then bias
+compensation.
+
+Scores ``S_j = Var(X_j) * ||W[:, j]||^2`` on the output projections' input columns (heads summed
+over their columns) are standardised per layer and unit type (z-score) and removed *globally*
+(adaptive structure) until the parameter budget is met; then the removed columns' mean
+contribution ``B = W[:, removed] mean(X_removed)`` is added to the output bias (this adds
+biases to LLaMA's ``o_proj``/``down_proj``, an architecture change the plan records so the
+checkpoint reloads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...adapters import DecoderAdapter, head_rows
+from ..bias_compensation import removed_mean_contribution
+from ..budget import LayerTarget, channel_cost, check_ratio, kv_head_cost, query_head_cost
+from ..criteria.units import activation_moments, fluctuation_scores
+from ..selection import choose_heads
+from .common import zscore
+from .wanda_sp import BatchOptions
+
+
+@dataclass
+class FlapOptions(BatchOptions):
+    """FLAP's options."""
+
+    bias_compensation: bool = True
+    """add the removed columns' mean contribution to the output bias"""
+
+
+def _candidate_units(adapter: DecoderAdapter, scores: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+    """``(standardised score, cost, layer, kind, index)`` of every removable unit, weakest first.
+
+    Heads go in GQA "slots": the k-th weakest head of every KV group, removed together and in order.
+    """
+    units = []
+    for i, layer in enumerate(adapter.layers):
+        hs, cs = scores[i]
+        zc = zscore(cs)
+        ccost = channel_cost(adapter, layer)
+        for j in range(len(cs)):
+            units.append((float(zc[j]), ccost, i, "chan", j))
+        g, n_kv = adapter.group_size(layer), adapter.num_kv_heads(layer)
+        zh = zscore(hs)
+        if g > 1:
+            slot_scores = zh.reshape(n_kv, g).sort(dim=1).values  # [n_kv, g] ascending within a group
+            for k in range(g - 1):
+                units.append((float(slot_scores[:, k].mean()), n_kv * query_head_cost(adapter, layer), i, "slot", k))
+        else:
+            hcost = query_head_cost(adapter, layer) + kv_head_cost(adapter, layer)
+            for h in torch.argsort(zh)[:-1].tolist():
+                units.append((float(zh[h]), hcost, i, "mha", h))
+    units.sort(key=lambda u: u[0])
+    return units
+
+
+def _global_targets(adapter: DecoderAdapter, units: list[tuple], budget: float) -> tuple[list[LayerTarget], list[list[int]]]:
+    """Walk the units weakest first until ``budget`` parameters are removed."""
+    removed_params = 0
+    targets = [LayerTarget(0, 0, 0) for _ in adapter.layers]
+    drop_chans: list[list[int]] = [[] for _ in adapter.layers]
+    slots_taken = [0] * adapter.num_layers
+    for score, cost, i, kind, j in units:
+        if removed_params + cost / 2 > budget:
+            continue
+        layer = adapter.layers[i]
+        if kind == "chan":
+            if len(drop_chans[i]) + 1 >= adapter.intermediate_size(layer):
+                continue
+            drop_chans[i].append(j)
+            targets[i].channels += 1
+        elif kind == "slot":
+            if j != slots_taken[i]:
+                continue  # slots must go weakest-first
+            slots_taken[i] += 1
+            targets[i].heads_per_group += 1
+        else:
+            targets[i].groups += 1
+        removed_params += cost
+        if removed_params >= budget:
+            break
+    return targets, drop_chans
+
+
+def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: FlapOptions) -> dict[str, Any]:
+    check_ratio(ratio)
+    mom = activation_moments(adapter, ids, opts.batch_size)
+    hd = adapter.head_dim
+    scores = [fluctuation_scores(adapter, layer, mom[i]) for i, layer in enumerate(adapter.layers)]
+    targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, scores),
+                                          ratio * adapter.num_parameters())
+    report = []
+    for i in range(adapter.num_layers):
+        layer = adapter.layers[i]
+        hs, cs = scores[i]
+        keep_c = [c for c in range(len(cs)) if c not in set(drop_chans[i])]
+        keep_h = choose_heads(adapter, layer, hs, targets[i])
+        deltas = []
+        if opts.bias_compensation:  # computed on the unpruned weights, before surgery
+            deltas.append(("ffn_out", removed_mean_contribution(adapter.ffn_out(layer), drop_chans[i],
+                                                                mom[i]["ffn_mean"])))
+            if keep_h is not None:
+                dropped = [h for h in range(len(hs)) if h not in keep_h]
+                deltas.append(("o_proj", removed_mean_contribution(adapter.o_proj(layer),
+                                                                   head_rows(dropped, hd).tolist(), mom[i]["attn_mean"])))
+        if keep_h is not None:
+            adapter.prune_heads(i, keep_h)
+        if targets[i].channels:
+            adapter.prune_ffn_channels(i, keep_c)
+        for site, delta in deltas:
+            if delta is not None:
+                adapter.add_output_bias(i, site, delta)
+        report.append({"layer": i, "heads_kept": adapter.num_heads(layer), "channels_kept": len(keep_c)})
+    return {"layers": report, "bias_compensation": opts.bias_compensation}
