@@ -12,6 +12,7 @@ from fedprune.federated.runtime.simulation import CHECKPOINT, RoundFailed, Simul
 from fedprune.federated.submodel import submodel
 from fedprune.federated.runtime.validation import update_problem
 from fedprune.models.tiny import tiny_model
+from fed_state import assert_same_run_state
 
 FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_per_client=6", "train.local_steps=2", "train.grad_accum=1",
         "train.seq_len=48", "federation.clients_per_round=3", "lora.rank=4", "eval.loss_examples=4",
@@ -39,15 +40,8 @@ def lines(path):
 
 
 def assert_same_state(a, b):
-    for name in ("tensors", "base_delta"):
-        da, db = getattr(a.global_, name), getattr(b.global_, name)
-        assert sorted(da) == sorted(db)
-        for k in da:
-            assert torch.equal(da[k], db[k]), k
-    assert sorted(a.opt_states) == sorted(b.opt_states)
-    for cid in a.opt_states:
-        for pid, st in a.opt_states[cid]["state"].items():
-            assert torch.equal(st["exp_avg"], b.opt_states[cid]["state"][pid]["exp_avg"])
+    """Everything a run carries from round to round, the strategy's meta included."""
+    assert_same_run_state(a, b)
 
 
 @pytest.mark.parametrize("strategy,ranks", [("fedit", "[]"), ("flora", "[2,4]")])

@@ -286,3 +286,33 @@ def test_lora_dropout_is_budgeted_per_target():
     assert layer_activation_bytes(shape, b) - layer_activation_bytes(shape, a) == 256 * (ins * 8 - (2 * 576 + 1536) * 4)
     c = fp.unit_costs(shape, b)
     assert c["attn"] + c["mlp"] == pytest.approx(sum(fp.training_memory(shape, b, 1).per_layer.values()))
+
+
+def test_fallback_counter_survives_a_resume(tokenizer, tmp_path, tiny_fleet):
+    """Rounds whose sampled device cannot hold a submodel fall back to one that can; the count is
+    strategy state, so it lives in the checkpointed meta and a resumed run agrees with an
+    uninterrupted one (it used to live on the strategy object and restart at 0)."""
+    from fed_state import assert_same_run_state
+
+    k0, k2 = tiny_fleet[0], tiny_fleet[1]  # budgets holding no layer / 2 layers
+    over = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.partition=dirichlet", "data.num_clients=4",
+            "data.max_examples_per_client=4", "train.local_steps=1", "train.grad_accum=1", f"train.seq_len={SEQ}",
+            "lora.rank=4", f"lora.target_modules={json.dumps(TARGETS)}", "federation.rounds=4",
+            "federation.clients_per_round=1", "federation.dropout=false", "federation.strategy=fedpruner",
+            f"federation.fleet={k0}:3,{k2}:1", "eval.loss_examples=2", "eval.rouge_examples=0", "eval.every=10"]
+
+    def sim(run_dir):
+        return Simulation(load_config(None, over), run_dir, model=tiny(tokenizer), tokenizer=tokenizer)
+
+    full = sim(tmp_path / "full")
+    full.run()
+    part = sim(tmp_path / "part")
+    part.run(stop_after=2)
+    before = part.global_.meta["fallback_rounds"]
+    assert before >= 1  # a fallback happened before the interruption: the resume must carry it
+    resumed = sim(tmp_path / "part")
+    resumed.run(resume=True)
+    assert resumed.global_.meta["fallback_rounds"] == full.global_.meta["fallback_rounds"] > before
+    assert_same_run_state(full, resumed)
+    clients = [json.loads(x) for x in (tmp_path / "full" / "clients.jsonl").read_text().splitlines()]
+    assert {c["cid"] for c in clients} == {3}  # only the device that fits ever trained
