@@ -35,12 +35,16 @@ RESULTS = HERE / "results"
 RATIOS = (0.2, 0.3, 0.5)
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def memory_usage():
+    """``fedprune.memory_usage`` loaded on its own: importing the package would load torch
+    (``fedprune/__init__``) into the llama.cpp process, whose peak must be llama.cpp's own."""
+    import importlib.util
+
+    where = Path(importlib.util.find_spec("fedprune").origin).parent / "memory_usage.py"
+    spec = importlib.util.spec_from_file_location("fedprune_memory_usage", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def dir_bytes(path: Path) -> int:
@@ -104,7 +108,7 @@ def measure_torch(spec: str, args) -> dict:
     plan = json.loads((where / "plan.json").read_text()) if (where / "plan.json").exists() else {}
     return {"pruning": plan.get("pruning"), "calibration": plan.get("calibration"), "load_s": load_s,
             "prefill_tokens_per_s": res["prefill_tokens_per_s"], "decode_tokens_per_s": res["decode_tokens_per_s"], "parameters": res["parameters"],
-            "file_bytes": dir_bytes(where), "peak_rss_bytes": peak_rss()}
+            "file_bytes": dir_bytes(where), "peak_rss_bytes": memory_usage().peak_rss_bytes()}
 
 
 def measure_llamacpp(path: str, args) -> dict:
@@ -138,7 +142,7 @@ def measure_llamacpp(path: str, args) -> dict:
             pp.append(len(ids) / (t1 - t0))
             tg.append(args.gen_len / (t2 - t1))
     return {"load_s": load_s, "prefill_tokens_per_s": statistics.median(pp), "decode_tokens_per_s": statistics.median(tg),
-            "file_bytes": os.path.getsize(path), "peak_rss_bytes": peak_rss()}
+            "file_bytes": os.path.getsize(path), "peak_rss_bytes": memory_usage().peak_rss_bytes()}
 
 
 def run_child(kind: str, target: str, args) -> dict:

@@ -270,20 +270,13 @@ def plots(res: dict) -> None:
 
 
 # ---- measured peak memory per device class ----------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def memory_worker(spec: dict) -> dict:
     """A device of one class: hold only its submodel's weights, take a few real training steps."""
     import torch
 
     from fedprune import load_model
     from fedprune.adapters import get_adapter
+    from fedprune.memory_usage import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from fedprune.federated.local import ClientTask, TrainSettings, train_client
     from fedprune.federated.lora import LoraSettings, SharedBaseModel
     from fedprune.fedpruner.submodel import skip_blocks
@@ -294,7 +287,7 @@ def memory_worker(spec: dict) -> dict:
     warm = load_model("smollm2-135m")
     del warm
     gc.collect()
-    rss0 = _status_kb("VmRSS") * 1024
+    rss0 = current_rss_bytes()
     model = load_model("smollm2-135m")
     model.config.use_cache = False
     lora = LoraSettings(rank=8, alpha=16, dropout=0.05,
@@ -319,9 +312,9 @@ def memory_worker(spec: dict) -> dict:
                     if "lora_" not in name or i not in keep:
                         p.data = torch.empty(0)
     gc.collect()
-    rss_loaded = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    rss_loaded = current_rss_bytes()
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): the peak would not be training's own")
     g = torch.Generator().manual_seed(0)
     seq = spec["seq_len"]
     examples = []
@@ -336,7 +329,7 @@ def memory_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     with skip_blocks(model, attn=sorted(attn), mlp=sorted(mlp)):
         res, _ = train_client(base, task, examples, settings, seed=0, pad_id=0)
-    peak = _status_kb("VmHWM") * 1024
+    peak = peak_rss_bytes()
     return {"peak_bytes": peak - rss0, "loaded_bytes": rss_loaded - rss0, "train_s": time.perf_counter() - t0,
             "train_loss_last": res.metrics["train_loss_last"]}
 

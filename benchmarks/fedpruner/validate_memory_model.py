@@ -39,23 +39,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: str, loss: str = "chunked",
            chunk: int = 64) -> dict:
     import torch
@@ -65,10 +48,11 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     from fedprune.federated.local.chunked_loss import causal_lm_loss
     from fedprune.fedpruner.memory import LLAMA_TARGETS, saved_tensor_bytes
     from fedprune.fedpruner.submodel import only_layers
+    from fedprune.memory_usage import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    rss_start = _status_kb("VmRSS") * 1024
+    rss_start = current_rss_bytes()
     model = load_model(model_name)
     # safetensors loads lazily from a memory map: pages of a layer become resident only when
     # first read, which would charge weight bytes to training. Copy every tensor to
@@ -88,8 +72,8 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     gc.collect()
-    baseline = _status_kb("VmRSS") * 1024
-    hwm_ok = _reset_hwm()
+    baseline = current_rss_bytes()
+    hwm_ok = reset_peak_rss()
     times = []
 
     def step_loss():  # as local training computes it (federated.local.training_loss)
@@ -106,7 +90,7 @@ def worker(k: int, seq_len: int, batch: int, rank: int, steps: int, model_name: 
             opt.zero_grad(set_to_none=True)
             del out
             times.append(time.perf_counter() - t0)
-        peak = _status_kb("VmHWM") * 1024
+        peak = peak_rss_bytes()
         params = list(model.parameters())
         saved = saved_tensor_bytes(step_loss, params)
     return {

@@ -48,28 +48,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 ABLATIONS = [k for k in VARIANTS if k.startswith("comp_")]
 
 
-def rss_now() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS counter (VmHWM) so the peak is the pruning step's own."""
-    try:
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
 def worker(args) -> dict:
     import torch
 
     import fedprune
     from fedprune.evaluate import evaluate, speed
-    from fedprune.pruning import _peak_rss, prune
-    import psutil
+    from fedprune.memory_usage import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from fedprune.pruning import prune
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -92,10 +77,10 @@ def worker(args) -> dict:
         import gc
 
         gc.collect()
-        rss_loaded = rss_now()
-        reset_peak()
+        rss_loaded = current_rss_bytes()
+        reset_peak_rss()  # the peak is the pruning step's own
         res = prune(model, method, args.ratio, calib_ids=calib, **opts)
-        peak = _peak_rss(psutil.Process())
+        peak = peak_rss_bytes()
         rec.update(achieved_ratio=res.achieved_ratio, params_before=res.params_before, params_after=res.params_after,
                    prune_wall_s=res.wall_time_s, rss_after_load=rss_loaded, prune_peak_rss=peak,
                    prune_overhead_bytes=peak - rss_loaded,

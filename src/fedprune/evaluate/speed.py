@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..memory_usage import current_rss_bytes
 from ..options import require_int
 
 
@@ -27,12 +28,6 @@ def parameter_bytes(model) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 class _PeakMemory:
@@ -50,7 +45,7 @@ class _PeakMemory:
 
     def sample(self) -> None:
         if self.device.type != "cuda":
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, current_rss_bytes())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import psutil
 import torch
 
 from ..adapters import get_adapter
+from ..memory_usage import peak_rss_bytes
 from .activations import release_free_memory
 from .budget import check_ratio
 from .methods import METHODS
@@ -102,7 +102,6 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
     release_free_memory()  # tokenizing the corpus leaves freed heap behind: not the pruner's memory
     torch.manual_seed(seed)
     before = adapter.num_parameters()
-    proc = psutil.Process()
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -111,7 +110,7 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
     wall = time.perf_counter() - t0
     after = adapter.num_parameters()
     achieved = 1.0 - after / before
-    peak = _peak_rss(proc)
+    peak = peak_rss_bytes()
     log.info("%s: removed %.2f%% of parameters (asked %.2f%%) in %.1fs", method, 100 * achieved, 100 * ratio, wall)
     result = PruneResult(model, method, ratio, achieved, before, after, wall, peak, report)
     if output is not None:
@@ -123,18 +122,6 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
                                           "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
                                           "seed": seed}, "options": {k: str(v) for k, v in options.items()}})
     return result
-
-
-def _peak_rss(proc: psutil.Process) -> int:
-    """Peak resident set size of this process so far (Linux ``VmHWM``), else current RSS."""
-    try:
-        with open(f"/proc/{proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return proc.memory_info().rss
 
 
 __all__ = ["METHODS", "PruneResult", "prune", "available_methods", "method_options"]

@@ -20,7 +20,6 @@ config before it writes anything (``run_state``).
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,7 +44,9 @@ class RoundFailed(RuntimeError):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from ...memory_usage import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def load_base(cfg: FederatedConfig):
