@@ -275,10 +275,10 @@ def memory_worker(spec: dict) -> dict:
     import torch
 
     from fedprune import load_model
-    from fedprune.adapters import get_adapter
     from fedprune.memory_usage import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from fedprune.federated.local import ClientTask, TrainSettings, train_client
     from fedprune.federated.lora import LoraSettings, SharedBaseModel
+    from fedprune.fedpruner.materialise import materialise_submodel
     from fedprune.fedpruner.submodel import skip_blocks
 
     torch.set_num_threads(1)
@@ -294,23 +294,13 @@ def memory_worker(spec: dict) -> dict:
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     base = SharedBaseModel(model, lora)
     base.base_original = {}  # the simulator's copy for merged deltas: not part of a device
-    ad = get_adapter(model)
     keep, attn, mlp = set(spec["layers"]), set(spec["skip_attn"]), set(spec["skip_mlp"])
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.clone()  # anonymous memory (a lazily mapped file would charge weights to training)
-        for i, layer in enumerate(ad.layers):
-            drop = [] if i in keep else [layer]
-            if i in attn:
-                drop.append(ad.attention(layer))
-            if i in mlp:
-                drop.append(ad.mlp(layer))
-            for mod in drop:
-                for name, p in mod.named_parameters():
-                    # a dropped layer's LoRA goes too (the device never holds it); a skipped
-                    # sub-block's LoRA stays (its layer's keys are in the task; < 0.2 MiB each)
-                    if "lora_" not in name or i not in keep:
-                        p.data = torch.empty(0)
+    # a dropped layer's LoRA goes too (the device never holds it); a skipped sub-block's LoRA stays
+    # (its layer's keys are in the task; < 0.2 MiB each)
+    materialise_submodel(model, sorted(keep), sorted(attn), sorted(mlp))
     gc.collect()
     rss_loaded = current_rss_bytes()
     if not reset_peak_rss():

@@ -105,3 +105,23 @@ def evaluate_global(base: SharedBaseModel, tokenizer, records: Sequence[dict], s
     finally:
         base.set_base_delta(base_delta)
     return out
+
+
+def evaluate_global_tasks(base: SharedBaseModel, tokenizer, base_delta: Mapping[str, torch.Tensor],
+                          eval_delta: Mapping[str, torch.Tensor], tasks: Sequence[str], limit: int | None = None,
+                          seq_len: int = 512, batch_size: int = 8) -> dict:
+    """The global model ``W0 + base_delta + eval_delta`` (LoRA off) on evaluation-harness tasks
+    (``fedprune.evaluate``: zero-shot tasks such as ``piqa``, perplexity tasks, ``text:PATH``),
+    the first ``limit`` examples of each. Returns ``{"average", "results"}`` (the harness's
+    zero-shot average and per-task metrics); leaves the base at ``W0 + base_delta``."""
+    from ..evaluate.harness import evaluate
+
+    base.set_base_delta(merged_delta(base_delta, eval_delta))
+    base.model.eval()
+    try:
+        with base.lora_disabled(), torch.no_grad():
+            out = evaluate(base.model, tokenizer, list(tasks), seq_len=seq_len, limit=limit, batch_size=batch_size,
+                           progress=False)
+    finally:
+        base.set_base_delta(base_delta)
+    return {"average": out["average"], "results": dict(out["results"])}
