@@ -95,22 +95,30 @@ def _sigterm_raises() -> Iterator[dict]:
         raise Terminated()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write (by name, e.g. a writer that opens its own
+    file); on success it is fsynced and renamed onto ``path``, on any exception (SIGTERM
+    included) removed. Leftovers of writers killed harder are swept by :func:`sweep_stale`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
     tmp = path.parent / f"{_tmp_prefix(path.name)}{secrets.token_hex(4)}.tmp"
     with _sigterm_raises():
         try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
+            yield tmp
+            with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp, open(tmp, "xb") as fh:
+        fh.write(data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

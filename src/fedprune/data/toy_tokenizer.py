@@ -15,18 +15,28 @@ DEFAULT_TEXT = (
 )
 
 
-def toy_tokenizer(texts: list[str] | None = None, vocab_size: int = 512, add_bos: bool = False):
-    """A ``PreTrainedTokenizerFast`` trained on ``texts`` (a fixed text when None); deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_byte_level_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]):
+    """A ``tokenizers.Tokenizer``: byte-level BPE trained on ``texts`` (deterministic, no download).
 
-    specials = ["<pad>", "<s>", "</s>"]
+    The one builder behind :func:`toy_tokenizer` and the federated tests' ``tiny_bpe_tokenizer``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(list(texts) if texts else [DEFAULT_TEXT], trainer=trainer)
+    tk.train_from_iterator(list(texts), trainer=trainer)
+    return tk
+
+
+def toy_tokenizer(texts: list[str] | None = None, vocab_size: int = 512, add_bos: bool = False):
+    """A ``PreTrainedTokenizerFast`` trained on ``texts`` (a fixed text when None); deterministic."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = train_byte_level_bpe(list(texts) if texts else [DEFAULT_TEXT], vocab_size, ["<pad>", "<s>", "</s>"])
     if add_bos:
         tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                           special_tokens=[("<s>", tk.token_to_id("<s>"))])

@@ -20,17 +20,16 @@ a q8_0 tensor whose rows are not a multiple of 32 falls back to f16, and the rep
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from .. import atomic
 from .errors import UnsupportedModelError
 from .gguf_tokenizer import gguf_vocab
 from .rotary import to_llamacpp_rotary
@@ -144,23 +143,6 @@ def model_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---- writing ------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` renamed onto it on success (see :mod:`fedprune.atomic`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def layer_shapes(model) -> list[dict[str, int]]:
     from ..adapters import get_adapter
 
@@ -202,7 +184,7 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, outtype: str = "f16",
         return vals[0] if uniform else vals
 
     stored: dict[str, str] = {}
-    with _atomic_path(out_file) as tmp:
+    with atomic.atomic_file(out_file) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or Path(str(getattr(c, "_name_or_path", "") or "model")).name or "model")
         w.add_context_length(int(c.max_position_embeddings))

@@ -10,17 +10,13 @@ The held-out set is always ``global_test.json`` (80 records, 10 per category).
 """
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..settings import data_dir
 
-DOLLY_DIR = "dolly-15k-shepherd-10clients"
 CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
               "information_extraction", "open_qa", "summarization")
 IGNORE_INDEX = -100
@@ -37,29 +33,18 @@ PROMPT_NO_CONTEXT = (
 )
 
 
-def dolly_dir(override: str | None = None) -> Path:
-    d = data_dir(override) / DOLLY_DIR
-    if not (d / "global_test.json").exists():
-        raise FileNotFoundError(
-            f"Dolly-15k Shepherd split not found at {d}; set $FEDPRUNE_DATA (or --data-dir) to the directory "
-            f"that holds {DOLLY_DIR}/local_training_0.json ... global_test.json"
-        )
-    return d
-
-
-def _read(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def load_shepherd_clients(override: str | None = None) -> list[list[dict]]:
-    d = dolly_dir(override)
-    files = sorted(d.glob("local_training_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return [_read(f) for f in files]
+    """The 10 Shepherd clients' records (read by :func:`fedprune.data.dolly_clients`)."""
+    from ..data.dolly import dolly_clients
+
+    return dolly_clients(override)
 
 
 def load_test_set(override: str | None = None) -> list[dict]:
-    return _read(dolly_dir(override) / "global_test.json")
+    """The 80 held-out records (read by :func:`fedprune.data.dolly_global_test`)."""
+    from ..data.dolly import dolly_global_test
+
+    return dolly_global_test(override)
 
 
 def dirichlet_partition(records: Sequence[dict], num_clients: int, alpha: float, seed: int,
