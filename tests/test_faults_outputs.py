@@ -444,3 +444,31 @@ def test_export_refuses_an_existing_file_before_reading_the_model(tmp_path, caps
     assert main(["export", "--model", unloadable, "--output", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no lock or temporary left behind
+
+
+def test_flower_server_refuses_a_non_empty_run_directory_and_a_locked_one(tmp_path):
+    pytest.importorskip("flwr")
+    from fedprune.federated.runtime.flower_app import run_server
+
+    cfg = load_config(None, TINY)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("keep")
+    with pytest.raises(OutputRefused, match="notes.txt"):
+        run_server(None, cfg, used)  # refused before the grid is touched
+    assert tree(used) == {"notes.txt": b"keep"}
+    locked = tmp_path / "locked"
+    holder = child(f"""
+        import time
+        from fedprune.outputs import run_lock
+        with run_lock({str(locked)!r}):
+            open({str(tmp_path / 'ready')!r}, 'w').close()
+            time.sleep(60)
+        """)
+    try:
+        wait_for(tmp_path / "ready", holder)
+        with pytest.raises(OutputLocked, match=str(holder.pid)):
+            run_server(None, cfg, locked)
+    finally:
+        holder.kill()
+        holder.wait()

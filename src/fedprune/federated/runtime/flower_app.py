@@ -242,7 +242,19 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 300.0) -> list[int]:
 
 
 def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float = 3600.0) -> dict:
-    """The federation over Flower: same strategy, validation and aggregation as the simulator."""
+    """The federation over Flower: same strategy, validation and aggregation as the simulator.
+
+    ``run_dir`` is guarded as the simulator's is: it must be missing or empty (a Flower run starts
+    afresh) and is locked for the whole run, so a second ``flwr run`` into it fails naming the owner."""
+    from ...outputs import check_run_output, run_lock
+
+    check_run_output(run_dir)
+    with run_lock(run_dir):
+        check_run_output(run_dir)  # again, under the lock: another run may have started meanwhile
+        return _serve(grid, cfg, run_dir, timeout)
+
+
+def _serve(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float) -> dict:
     from ..evaluation import evaluate_global
     from ..lora import SharedBaseModel
     from ..partition import load_test_set
