@@ -105,6 +105,18 @@ def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torc
     return NEURON_CRITERIA.get(criterion)(stats, n_remove, damp)
 
 
+def _mask_tune(st, acc: GramAccumulator, keep: list[int], lin: torch.nn.Linear, damp: float,
+               group: int = 1) -> dict[str, Any]:
+    """Mask tuning of the kept units (``keep``, ``group`` columns each) of output projection ``lin``:
+    solve for one scale per unit and fold it into ``lin`` when the solve is accepted; returns the record."""
+    idx = torch.as_tensor(keep)
+    sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, damp)
+    if sol.accepted:
+        fold_column_scales(lin, sol.scales, group=group)
+    return {"accepted": sol.accepted, "reason": sol.reason, "err_before": sol.error_before,
+            "err_after": sol.error_after}
+
+
 @torch.no_grad()
 def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_layers: list[int],
                             targets: list[LayerTarget], opts: CompOptions, dense_layers: list) -> dict[str, Any]:
@@ -155,12 +167,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             adapter.prune_heads(kept_pos, keep)
             entry["heads_kept"] = len(keep)
             if opts.mask_tuning:
-                idx = torch.as_tensor(keep)
-                sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, opts.damp)
-                if sol.accepted:
-                    fold_column_scales(adapter.o_proj(layer), sol.scales, group=hd)
-                entry["heads_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
-                                       "err_before": sol.error_before, "err_after": sol.error_after}
+                entry["heads_mask"] = _mask_tune(st, acc, keep, adapter.o_proj(layer), opts.damp, group=hd)
         if mid_dense is not None:
             mid_dense.close()
         # -- FFN channels
@@ -184,12 +191,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             adapter.prune_ffn_channels(kept_pos, keep)
             entry["channels_kept"] = len(keep)
             if opts.mask_tuning:
-                idx = torch.as_tensor(keep)
-                sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, opts.damp)
-                if sol.accepted:
-                    fold_column_scales(adapter.ffn_out(layer), sol.scales)
-                entry["ffn_mask"] = {"accepted": sol.accepted, "reason": sol.reason,
-                                     "err_before": sol.error_before, "err_after": sol.error_after}
+                entry["ffn_mask"] = _mask_tune(st, acc, keep, adapter.ffn_out(layer), opts.damp)
         advance_stream(layer, x_pruned, kw)
         report.append(entry)
         kept_pos += 1
