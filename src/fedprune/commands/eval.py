@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
     p.add_argument("--tasks", default="wikitext2,ptb,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
                    help="comma-separated: wikitext2, ptb, c4, text:PATH, boolq, piqa, hellaswag, winogrande, "
-                        "arc_easy, arc_challenge, openbookqa, siqa")
+                        "arc_easy, arc_challenge, openbookqa, siqa, commonsense_qa (lettered, as lm-eval), "
+                        "commonsense_qa_cloze (answer texts scored)")
     p.add_argument("--seq-len", type=int_at_least(2), default=512,
                    help="perplexity window length in tokens (2 .. the model's context)")
     p.add_argument("--limit", type=positive_int, default=None,

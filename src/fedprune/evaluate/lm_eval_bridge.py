@@ -14,6 +14,7 @@ TASK_YAMLS = {
     "boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
     "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
     "openbookqa": "openbookqa/openbookqa.yaml", "siqa": "siqa/siqa.yaml",
+    "commonsense_qa": "commonsense_qa/default.yaml",
 }
 
 
