@@ -17,15 +17,28 @@ where ``bandwidth_i`` depends on the link model (``federation.links``):
 Strategies never see the profile or the link, only the observed ``t_i`` (and the metrics
 clients report).
 
-Absolute FLOP/s are *effective training* throughput, not peak: the TX2 reference is set to
-0.25 TFLOP/s (about 20 % of its 1.3 TFLOP/s fp16 peak) and the others scale by the relative
-throughput 1 : 2.5 : 6 quoted for the FedSpine testbed.
+Absolute FLOP/s are *effective training* throughput, not peak, and are **assumptions**: the
+TX2 reference is set to 0.25 TFLOP/s and the others scale by the relative training throughput
+1 : 2.5 : 6 quoted for the FedSpine testbed (Xavier NX 0.625, AGX Xavier 1.5 TFLOP/s). For scale,
+NVIDIA's published peaks: Jetson TX2 1.33 TFLOPS fp16; Xavier NX 21 TOPS int8 (GPU + DLAs), its
+384-core Volta GPU about 6 TFLOPS fp16 with tensor cores (our estimate from the core count and
+clock, not a datasheet figure); AGX Xavier 32 TOPS int8, about 11 TFLOPS fp16. The assumed
+effective throughputs are thus 19 %, ~10 % and ~14 % of those peaks (fine-tuning in PyTorch
+reaches well under half of peak on these boards). Because the absolute figures are assumed, a
+fleet entry may carry a speed factor (``tx2*2:30``: twice the assumed throughput), so a study
+can show how its conclusions move with them; the relative throughputs stay as quoted.
+
+The cost of a round may be rescaled to a deployment of another model size
+(``federation.reference_params``, :func:`fedprune.federated.cost.cost_scale`): FLOPs and bytes
+are multiplied by its factors before the time is computed. :func:`compute_share` summarises a
+round's split between compute and communication per device class.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
 
 from ..registry import Registry
 
@@ -97,6 +110,9 @@ def parse_fleet(spec: str) -> list[DeviceProfile]:
 
     ``NAME@MEMORY:COUNT`` (e.g. ``phone@1.5GB:10``) declares that class with another memory
     budget (the budget memory-aware strategies plan for), everything else as registered.
+    ``NAME*SPEED:COUNT`` (e.g. ``tx2*0.5:30``) multiplies the class's assumed training throughput
+    by ``SPEED`` (a sensitivity study of the assumed absolute throughputs); both may be combined
+    (``tx2@4GB*2:10``).
     """
     fleet: list[DeviceProfile] = []
     for part in str(spec).split(","):
@@ -110,10 +126,21 @@ def parse_fleet(spec: str) -> list[DeviceProfile]:
             raise ValueError(f"bad fleet entry {part!r}: expected NAME:COUNT, e.g. tx2:30") from None
         if n < 0:
             raise ValueError(f"bad fleet entry {part!r}: count must be >= 0")
+        name, star, speed = name.strip().partition("*")
         name, at, memory = name.strip().partition("@")
         profile = DEVICE_PROFILES.get(name.strip())
         if at:
             profile = replace(profile, name=f"{profile.name}@{memory.strip()}", memory_gb=parse_memory(memory))
+        if star:
+            try:
+                factor = float(speed)
+            except ValueError:
+                factor = -1.0
+            if not factor > 0 or not math.isfinite(factor):
+                raise ValueError(f"bad fleet entry {part!r}: the speed factor after '*' must be a positive number, "
+                                 "e.g. tx2*0.5:30")
+            profile = replace(profile, name=f"{profile.name}*{speed.strip()}",
+                              rel_throughput=profile.rel_throughput * factor)
         fleet.extend([profile] * n)
     if not fleet:
         raise ValueError(f"empty fleet {spec!r}; example: tx2:30,xavier-nx:40,agx-xavier:10")
@@ -139,8 +166,12 @@ def device_link_mbit(profile: DeviceProfile, seed: int, client: int) -> float:
 
 
 def simulated_time(profile: DeviceProfile, flops: float, bytes_moved: int, seed: int, round_idx: int,
-                   client: int, links: str = "device") -> dict[str, float]:
-    """Simulated seconds for one device's round: compute + communication, times jitter."""
+                   client: int, links: str = "device", flops_scale: float = 1.0,
+                   bytes_scale: float = 1.0) -> dict[str, float]:
+    """Simulated seconds for one device's round: compute + communication, times jitter.
+
+    ``flops_scale`` / ``bytes_scale`` rescale the round to the modelled deployment's size
+    (:class:`fedprune.federated.cost.CostScale`); 1 leaves the trained model's own cost."""
     rng = round_rng(seed, round_idx, client, "time")
     if links == "device":
         fluct = profile.link_fluctuation
@@ -152,7 +183,27 @@ def simulated_time(profile: DeviceProfile, flops: float, bytes_moved: int, seed:
     else:
         raise ValueError(f"unknown link model {links!r}; known: {', '.join(LINK_MODELS)}")
     jitter = math.exp(rng.gauss(0.0, profile.jitter)) if profile.jitter > 0 else 1.0
-    compute_s = flops / profile.train_flops_per_s
-    comm_s = bytes_moved / bandwidth
+    compute_s = flops * flops_scale / profile.train_flops_per_s
+    comm_s = bytes_moved * bytes_scale / bandwidth
     return {"compute_s": compute_s * jitter, "comm_s": comm_s * jitter, "total_s": (compute_s + comm_s) * jitter,
             "bandwidth_mbit": bandwidth / MBIT}
+
+
+def compute_share(records: Iterable[Mapping]) -> dict[str, float]:
+    """Per device class, the mean over its devices of ``compute_s / (compute_s + comm_s)``.
+
+    ``records``: a round's per-device records with ``device`` (class name), ``compute_s`` and
+    ``comm_s`` (records without times, e.g. dropped devices, are skipped). Also ``"all"``: the mean
+    of the class means (each class counts once, whatever its size).
+    """
+    by_class: dict[str, list[float]] = {}
+    for rec in records:
+        if "compute_s" not in rec or "comm_s" not in rec:
+            continue
+        total = float(rec["compute_s"]) + float(rec["comm_s"])
+        if total > 0:
+            by_class.setdefault(str(rec["device"]), []).append(float(rec["compute_s"]) / total)
+    out = {k: sum(v) / len(v) for k, v in sorted(by_class.items())}
+    if out:
+        out["all"] = sum(out.values()) / len(out)
+    return out

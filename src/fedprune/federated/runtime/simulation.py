@@ -26,7 +26,8 @@ from typing import Callable
 
 from ... import atomic
 from ..config import FederatedConfig, dump_config
-from ..devices import draws_dropout, parse_fleet, simulated_time
+from ..cost import cost_scale
+from ..devices import compute_share, draws_dropout, parse_fleet, simulated_time
 from ..evaluation import evaluate_global
 from ..local import ClientResult
 from ..lora import SharedBaseModel
@@ -85,6 +86,9 @@ class Simulation:
         self.base = SharedBaseModel(model, cfg.lora)
         fed = cfg.federation
         self.seed = fed.seed
+        # the modelled deployment's size: factors on every round's FLOPs and bytes (1 = own size)
+        self.cost_scale = cost_scale(fed.reference_params, own_params, self.base.shapes.values(),
+                                     cfg.lora.target_modules)
         parts = build_partitions(cfg.data.partition, cfg.data.num_clients, fed.seed, cfg.data.alpha, cfg.data.data_dir)
         cap = cfg.data.max_examples_per_client
         self.partitions = [p[:cap] if cap else p for p in parts]
@@ -214,7 +218,8 @@ class Simulation:
             if self.tamper is not None:
                 res = self.tamper(res)
             up = res.upload_bytes()
-            sim = simulated_time(prof, res.metrics["train_flops"], down + up, self.seed, r, task.cid, fed.links)
+            sim = simulated_time(prof, res.metrics["train_flops"], down + up, self.seed, r, task.cid, fed.links,
+                                 self.cost_scale.flops, self.cost_scale.bytes)
             res.metrics["time_s"] = sim["total_s"]
             rec.update(sim_time_s=sim["total_s"], compute_s=sim["compute_s"], comm_s=sim["comm_s"],
                        bytes_down=down, bytes_up=up, wall_s=res.metrics["wall_s"],
@@ -269,7 +274,7 @@ class Simulation:
              "wall_s": self.totals["wall_s"], "client_wall_s": client_wall, "server_s": server_s,
              "prev_checkpoint_s": self.totals.get("checkpoint_s", 0.0),
              "server_share": server_s / max(server_s + client_wall, 1e-9),
-             "round_bytes_up": bytes_up, "round_bytes_down": bytes_down,
+             "round_bytes_up": bytes_up, "round_bytes_down": bytes_down, "compute_share": compute_share(records),
              "bytes_up": self.totals["bytes_up"], "bytes_down": self.totals["bytes_down"], "peak_rss_mb": peak_rss_mb()}
         for rec in records:
             atomic.append_jsonl(self.run_dir / "clients.jsonl", rec)
