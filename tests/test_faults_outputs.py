@@ -423,12 +423,13 @@ def test_a_failed_eval_keeps_the_previous_complete_results(eval_model, tmp_path)
     assert done["complete"] is True and not (tmp_path / "res.json.partial").exists()
     assert main([*base, "--tasks", f"text:{corpus}"]) == 1  # an existing results file needs --overwrite
     before = out.read_bytes()
-    missing = tmp_path / "gone.txt"
-    assert main([*base, "--overwrite", "--tasks", f"text:{corpus},text:{missing}"]) == 1
+    short = tmp_path / "short.txt"  # exists (so it passes the checks before loading) but fails mid-run
+    short.write_text("Too short.")
+    assert main([*base, "--overwrite", "--tasks", f"text:{corpus},text:{short}"]) == 1
     assert out.read_bytes() == before
     partial = json.loads((tmp_path / "res.json.partial").read_text())
     assert partial["complete"] is False and list(partial["results"]) == [f"text:{corpus}"]
-    assert "gone.txt" in partial["error"]
+    assert "short.txt" in partial["error"]
     assert main([*base, "--overwrite", "--tasks", f"text:{corpus}"]) == 0
     assert json.loads(out.read_text())["complete"] is True and not (tmp_path / "res.json.partial").exists()
     assert main([*base, "--tasks", f"text:{corpus}", "--output", str(tmp_path)]) == 1  # a directory: refused

@@ -110,7 +110,12 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
     for task in names:
         start = time.perf_counter()
         if reported_metric(task) == "ppl":
-            d = perplexity_details(model, tokenizer, task, seq_len, limit, ppl_batch_size, data_dir, progress)
+            try:
+                d = perplexity_details(model, tokenizer, task, seq_len, limit, ppl_batch_size, data_dir, progress)
+            except ValueError as exc:
+                if task in str(exc):
+                    raise
+                raise ValueError(f"task {task}: {exc}") from exc  # say which text was too short
             out["results"][task], count = {"ppl": d["ppl"]}, d["windows"]
         else:
             d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress)
