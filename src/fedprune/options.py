@@ -54,13 +54,7 @@ def require_number(name: str, value: Any, low: float | None = None, high: float 
 
 
 def _int_range(minimum, maximum) -> str:
-    if minimum is not None and maximum is not None:
-        return f" in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f" >= {minimum}"
-    if maximum is not None:
-        return f" <= {maximum}"
-    return ""
+    return _interval(minimum, maximum, False, False)
 
 
 def _interval(low, high, low_open, high_open) -> str:
