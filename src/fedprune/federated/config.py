@@ -35,25 +35,40 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    """How Dolly-15k is split over clients."""
+    """Which dataset, and how it is split over clients."""
 
+    dataset: str = "dolly"
+    """dolly (Dolly-15k instructions; held out: 80 records) or commonsense_qa (CommonsenseQA training
+    questions as cloze prompt + right answer; held out: the validation questions)"""
     partition: str = "shepherd"
-    """shepherd (the published 10-client split), dirichlet, or iid"""
+    """dolly: shepherd (the published 10-client split), dirichlet or iid; commonsense_qa: iid, dirichlet or
+    pathological (two question_concept groups per client)"""
     num_clients: int = 10
     alpha: float = 0.5
-    """Dirichlet concentration over the 8 categories (dirichlet only)"""
+    """Dirichlet concentration over the groups (dolly: its 8 categories; commonsense_qa: the 19 most frequent
+    question concepts and the rest as a 20th group); dirichlet only"""
     max_examples_per_client: int = 0
     """cap each client's data (0 = no cap; a cap makes tokenising 80 clients quick)"""
     data_dir: str | None = None
-    """directory holding dolly-15k-shepherd-10clients/ (default: fedprune.settings.data_dir())"""
+    """directory holding dolly-15k-shepherd-10clients/ and csqa/ (default: fedprune.settings.data_dir())"""
 
     def __post_init__(self):
-        if self.partition not in ("shepherd", "dirichlet", "iid"):
-            raise ValueError(f"data.partition must be shepherd, dirichlet or iid, got {self.partition!r}")
+        from .partition import FEDERATED_DATASETS
+
+        if self.dataset not in FEDERATED_DATASETS:
+            raise ValueError(f"data.dataset must be one of {', '.join(FEDERATED_DATASETS.names())}, "
+                             f"got {self.dataset!r}")
+        kinds = FEDERATED_DATASETS.get(self.dataset).partition_kinds
+        if self.partition not in kinds:
+            raise ValueError(f"data.partition for data.dataset={self.dataset} must be {', '.join(kinds)}, "
+                             f"got {self.partition!r}")
         require_int("data.num_clients", self.num_clients, 1)
         require_int("data.max_examples_per_client", self.max_examples_per_client, 0)
         if self.partition == "shepherd" and self.num_clients != 10:
             raise ValueError("data.partition=shepherd has exactly 10 clients; set data.num_clients=10 or use dirichlet")
+        if self.partition == "pathological" and self.num_clients < 10:
+            raise ValueError(f"data.partition=pathological gives each client 2 of the 20 concept groups: "
+                             f"data.num_clients={self.num_clients} cannot hold them all; use >= 10 or dirichlet")
         require_number("data.alpha", self.alpha, 0.0, low_open=True)
 
 
@@ -163,6 +178,11 @@ class FederatedConfig:
         if self.federation.clients_per_round > self.data.num_clients:
             raise ValueError(f"federation.clients_per_round={self.federation.clients_per_round} exceeds "
                              f"data.num_clients={self.data.num_clients}")
+        from .partition import federated_dataset
+
+        if self.eval.accuracy_examples and federated_dataset(self.data.dataset).choice_task is None:
+            raise ValueError(f"eval.accuracy_examples needs a multiple-choice dataset (data.dataset=commonsense_qa); "
+                             f"{self.data.dataset} has none: set eval.accuracy_examples=0")
         if self.federation.strategy == "fedit" and len(set(self.federation.ranks)) > 1:
             raise ValueError("fedit uses one rank for every client; set federation.ranks=[] or use hetlora/flexlora/flora")
 

@@ -1,9 +1,13 @@
-"""Server-side evaluation of a global model on the held-out Dolly records.
+"""Server-side evaluation of a global model on the held-out records of its dataset.
 
 - ``test_loss``: mean completion-only cross-entropy over the response tokens (token-weighted),
-  and its perplexity;
+  and its perplexity (Dolly: the 80 held-out records; commonsense_qa: validation questions,
+  loss on the right answer's tokens);
 - ``rouge_l``: F-measure of Rouge-L between greedy answers and the references, on the first
-  ``rouge_examples`` records (greedy, ``max_new_tokens`` tokens: kept small for speed).
+  ``rouge_examples`` records (greedy, ``max_new_tokens`` tokens: kept small for speed);
+- ``acc`` / ``acc_norm`` (``accuracy_examples`` > 0, multiple-choice datasets only): the
+  dataset's zero-shot task (commonsense_qa: ``commonsense_qa_cloze``) on its first N examples,
+  scored as ``fedprune eval`` scores it; ``acc_task`` and ``acc_examples`` say which.
 
 The model evaluated is ``W0 + base_delta + eval_delta`` with the LoRA adapters disabled, so
 every strategy (factored, padded, full-space or merged) is evaluated the same way.
@@ -12,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .lora import SharedBaseModel
-from .partition import IGNORE_INDEX, collate, format_prompt, tokenize_example
+from .partition import IGNORE_INDEX, collate, federated_dataset, format_prompt, tokenize_example
 
 
 @dataclass
@@ -27,18 +31,23 @@ class EvalSettings:
     every: int = 1
     """evaluate every N rounds (and always after the last round and before the first)"""
     loss_examples: int = 80
-    """held-out records for the loss, evenly spread over the file's categories (0 = skip; at most 80)"""
+    """held-out records for the loss, evenly spread over the file (0 = skip; at most all: Dolly 80,
+    commonsense_qa 1221)"""
     rouge_examples: int = 8
     """held-out records for Rouge-L of greedy answers, evenly spread (0 = skip)"""
     max_new_tokens: int = 32
     """tokens generated per answer"""
     batch_size: int = 4
     """records per forward pass for the loss"""
+    accuracy_examples: int = 0
+    """multiple-choice datasets (commonsense_qa): accuracy of the global model on the first N validation
+    questions at every evaluation (the commonsense_qa_cloze task; 0 = skip)"""
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"eval.every must be >= 1, got {self.every}")
-        for name, low in (("loss_examples", 0), ("rouge_examples", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+        for name, low in (("loss_examples", 0), ("rouge_examples", 0), ("max_new_tokens", 1), ("batch_size", 1),
+                          ("accuracy_examples", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"eval.{name} must be >= {low}, got {getattr(self, name)}")
 
@@ -51,9 +60,10 @@ def merged_delta(base_delta: Mapping[str, torch.Tensor], eval_delta: Mapping[str
 
 
 @torch.no_grad()
-def heldout_loss(base: SharedBaseModel, tokenizer, records: Sequence[dict], seq_len: int, batch_size: int) -> dict:
+def heldout_loss(base: SharedBaseModel, tokenizer, records: Sequence[dict], seq_len: int, batch_size: int,
+                 tokenize: Callable[..., dict] = tokenize_example) -> dict:
     total, n_tok = 0.0, 0
-    exs = [tokenize_example(tokenizer, r, seq_len) for r in records]
+    exs = [tokenize(tokenizer, r, seq_len) for r in records]
     for i in range(0, len(exs), batch_size):
         batch = collate(exs[i:i + batch_size], tokenizer.pad_token_id)
         logits = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -68,18 +78,19 @@ def heldout_loss(base: SharedBaseModel, tokenizer, records: Sequence[dict], seq_
 
 @torch.no_grad()
 def rouge_l(base: SharedBaseModel, tokenizer, records: Sequence[dict], max_new_tokens: int,
-            max_prompt_tokens: int = 384) -> dict:
+            max_prompt_tokens: int = 384, prompt: Callable[[dict], str] = format_prompt,
+            reference: Callable[[dict], str] = lambda r: r["response"]) -> dict:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = []
     for r in records:
-        ids = tokenizer(format_prompt(r), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt(r), add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = ids[:, -max_prompt_tokens:]
         out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        scores.append(scorer.score(r["response"], answer)["rougeL"].fmeasure)
+        scores.append(scorer.score(reference(r), answer)["rougeL"].fmeasure)
     return {"rouge_l": sum(scores) / len(scores) if scores else float("nan")}
 
 
@@ -91,20 +102,44 @@ def spread_subset(records: Sequence[dict], n: int) -> list[dict]:
 
 
 def evaluate_global(base: SharedBaseModel, tokenizer, records: Sequence[dict], settings: EvalSettings, seq_len: int,
-                    base_delta: Mapping[str, torch.Tensor], eval_delta: Mapping[str, torch.Tensor]) -> dict:
-    """Evaluate ``W0 + base_delta + eval_delta`` (LoRA off); leaves the base at ``W0 + base_delta``."""
+                    base_delta: Mapping[str, torch.Tensor], eval_delta: Mapping[str, torch.Tensor],
+                    dataset: str = "dolly", data_dir: str | None = None) -> dict:
+    """Evaluate ``W0 + base_delta + eval_delta`` (LoRA off) on ``records`` of ``dataset`` (a
+    ``FEDERATED_DATASETS`` name); leaves the base at ``W0 + base_delta``. ``data_dir`` locates the
+    dataset's zero-shot task for ``settings.accuracy_examples``."""
+    ds = federated_dataset(dataset)
     base.set_base_delta(merged_delta(base_delta, eval_delta))
     base.model.eval()
     out: dict = {}
     try:
         with base.lora_disabled():
             if settings.loss_examples:
-                out.update(heldout_loss(base, tokenizer, spread_subset(records, settings.loss_examples), seq_len, settings.batch_size))
+                out.update(heldout_loss(base, tokenizer, spread_subset(records, settings.loss_examples), seq_len,
+                                        settings.batch_size, ds.tokenize))
             if settings.rouge_examples:
-                out.update(rouge_l(base, tokenizer, spread_subset(records, settings.rouge_examples), settings.max_new_tokens))
+                out.update(rouge_l(base, tokenizer, spread_subset(records, settings.rouge_examples),
+                                   settings.max_new_tokens, prompt=ds.prompt, reference=ds.reference))
+            if settings.accuracy_examples:
+                if ds.choice_task is None:
+                    raise ValueError(f"eval.accuracy_examples: dataset {dataset!r} has no multiple-choice task")
+                out.update(choice_accuracy(base.model, tokenizer, ds.choice_task, settings.accuracy_examples,
+                                           data_dir, settings.batch_size))
     finally:
         base.set_base_delta(base_delta)
     return out
+
+
+@torch.no_grad()
+def choice_accuracy(model, tokenizer, task: str, limit: int, data_dir: str | None = None,
+                    batch_size: int = 8) -> dict:
+    """``acc`` / ``acc_norm`` of ``model`` on the first ``limit`` examples of the zero-shot ``task``
+    (scored as ``fedprune eval`` scores it), with ``acc_task`` and ``acc_examples``."""
+    from ..data import load_examples
+    from ..evaluate.zeroshot import accuracy, score_examples
+
+    examples = load_examples(task, data_dir, limit)
+    scores = score_examples(model, tokenizer, examples, batch_size=max(batch_size, 8), progress=False, desc=task)
+    return {**accuracy(scores), "acc_task": task, "acc_examples": len(examples)}
 
 
 def evaluate_global_tasks(base: SharedBaseModel, tokenizer, base_delta: Mapping[str, torch.Tensor],

@@ -1,4 +1,5 @@
-"""Federated data: Dolly-15k partitions, prompt formatting, completion-only tokenisation.
+"""Federated data: Dolly-15k partitions, prompt formatting, completion-only tokenisation, and the
+federated datasets by name (``FEDERATED_DATASETS``: dolly, commonsense_qa; see the end of this file).
 
 Partitions (each a list of per-client record lists; a record has instruction, context,
 response, category):
@@ -11,11 +12,13 @@ The held-out set is always ``global_test.json`` (80 records, 10 per category).
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..registry import Registry
 
 CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
               "information_extraction", "open_qa", "summarization")
@@ -122,6 +125,15 @@ def tokenize_example(tokenizer, record: dict, seq_len: int) -> dict[str, list[in
     r = tokenizer(record["response"].strip(), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]
+    return completion_only(p, r, seq_len)
+
+
+def completion_only(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + response, ``labels`` = -100 on the prompt (the loss is on the response).
+
+    When longer than ``seq_len``, the response keeps at least a quarter of ``seq_len`` and the
+    prompt keeps its *end* (the part next to the response)."""
+    p, r = list(prompt_ids), list(response_ids)
     if len(p) + len(r) > seq_len:
         r_keep = min(len(r), max(seq_len // 4, seq_len - len(p)))
         r = r[:r_keep]
@@ -141,3 +153,68 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ---- the federated datasets by name ---------------------------------------------------------------
+@dataclass(frozen=True)
+class FederatedDataset:
+    """What the runtimes need from a federated dataset (``data.dataset``).
+
+    partitions(kind, num_clients, seed, alpha, data_dir) -> per-client record lists;
+    heldout(data_dir) -> the held-out records (test loss, Rouge-L);
+    tokenize(tokenizer, record, seq_len) -> ``{"input_ids", "labels"}`` (completion-only);
+    prompt(record) / reference(record): the generation prompt and the reference answer (Rouge-L);
+    choice_task: the zero-shot task (``fedprune.data``) whose first N examples give the run's
+    accuracy (``eval.accuracy_examples``), None when the dataset has none.
+    """
+
+    name: str
+    partition_kinds: tuple[str, ...]
+    partitions: Callable[..., list[list[dict]]]
+    heldout: Callable[[str | None], list[dict]]
+    tokenize: Callable[..., dict]
+    prompt: Callable[[dict], str]
+    reference: Callable[[dict], str]
+    choice_task: str | None = None
+
+
+FEDERATED_DATASETS: Registry[FederatedDataset] = Registry("federated dataset")
+
+
+def _csqa(attr: str):
+    def call(*args, **kwargs):
+        from . import csqa
+
+        return getattr(csqa, attr)(*args, **kwargs)
+
+    return call
+
+
+FEDERATED_DATASETS.register("dolly", FederatedDataset(
+    "dolly", ("shepherd", "dirichlet", "iid"), build_partitions, load_test_set, tokenize_example, format_prompt,
+    lambda r: r["response"]))
+FEDERATED_DATASETS.register("commonsense_qa", FederatedDataset(
+    "commonsense_qa", ("iid", "dirichlet", "pathological"), _csqa("build_csqa_partitions"), _csqa("csqa_heldout"),
+    _csqa("tokenize_csqa"), _csqa("csqa_prompt"), _csqa("answer_text"), "commonsense_qa_cloze"))
+
+
+def federated_dataset(name: str) -> FederatedDataset:
+    return FEDERATED_DATASETS.get(name)
+
+
+def client_partitions(data, seed: int) -> list[list[dict]]:
+    """Each client's records for ``data`` (a ``DataSettings``), capped at ``max_examples_per_client``."""
+    parts = federated_dataset(data.dataset).partitions(data.partition, data.num_clients, seed, data.alpha,
+                                                       data.data_dir)
+    cap = data.max_examples_per_client
+    return [p[:cap] if cap else p for p in parts]
+
+
+def heldout_records(data) -> list[dict]:
+    """The held-out records of ``data`` (a ``DataSettings``)."""
+    return federated_dataset(data.dataset).heldout(data.data_dir)
+
+
+def tokenize_record(tokenizer, record: dict, seq_len: int, dataset: str = "dolly") -> dict[str, list[int]]:
+    """One training example of ``dataset`` (completion-only labels)."""
+    return federated_dataset(dataset).tokenize(tokenizer, record, seq_len)

@@ -109,17 +109,14 @@ class _ClientRuntime:
 
     def __init__(self, cfg: FederatedConfig):
         from ..lora import SharedBaseModel
-        from ..partition import build_partitions
+        from ..partition import client_partitions
         from .simulation import load_base
 
         model, self.tokenizer = load_base(cfg)
         self.base = SharedBaseModel(model, cfg.lora)
         # the strategy object for its device program (FedSpine prunes while tuning, FedPruner plans)
         self.strategy = build_strategy(cfg, model.config)
-        parts = build_partitions(cfg.data.partition, cfg.data.num_clients, cfg.federation.seed, cfg.data.alpha,
-                                 cfg.data.data_dir)
-        cap = cfg.data.max_examples_per_client
-        self.partitions = [p[:cap] if cap else p for p in parts]
+        self.partitions = client_partitions(cfg.data, cfg.federation.seed)
         self.cfg = cfg
         self._tok: dict[int, list[dict]] = {}
 
@@ -131,10 +128,11 @@ class _ClientRuntime:
         return cls._cache[cfg_json]
 
     def examples(self, cid: int) -> list[dict]:
-        from ..partition import tokenize_example
+        from ..partition import tokenize_record
 
         if cid not in self._tok:
-            self._tok[cid] = [tokenize_example(self.tokenizer, r, self.cfg.train.seq_len) for r in self.partitions[cid]]
+            self._tok[cid] = [tokenize_record(self.tokenizer, r, self.cfg.train.seq_len, self.cfg.data.dataset)
+                              for r in self.partitions[cid]]
         return self._tok[cid]
 
 
@@ -257,7 +255,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float =
 def _serve(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float) -> dict:
     from ..evaluation import evaluate_global
     from ..lora import SharedBaseModel
-    from ..partition import load_test_set
+    from ..partition import heldout_records
     from .simulation import load_base
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +266,7 @@ def _serve(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float) -> d
     base = SharedBaseModel(model, cfg.lora)
     strategy = build_strategy(cfg, model.config)
     global_ = strategy.init_global(base.shapes, fed.seed)
-    test = load_test_set(cfg.data.data_dir)
+    test = heldout_records(cfg.data)
 
     nodes = wait_for_nodes(grid, cfg.data.num_clients)
     queries = [Message(RecordDict({"config": ConfigRecord({"fedprune-config": cfg_json})}), dst_node_id=n,
@@ -287,10 +285,10 @@ def _serve(grid: Grid, cfg: FederatedConfig, run_dir: Path, timeout: float) -> d
     infos.sort(key=lambda c: c.cid)
 
     def evaluate() -> dict:
-        if not (cfg.eval.loss_examples or cfg.eval.rouge_examples):
+        if not (cfg.eval.loss_examples or cfg.eval.rouge_examples or cfg.eval.accuracy_examples):
             return {}
         return evaluate_global(base, tok, test, cfg.eval, cfg.train.seq_len, global_.base_delta,
-                               strategy.eval_delta(global_))
+                               strategy.eval_delta(global_), cfg.data.dataset, cfg.data.data_dir)
 
     atomic.append_jsonl(run_dir / "metrics.jsonl", {"round": 0, **evaluate()})
     for r in range(1, fed.rounds + 1):

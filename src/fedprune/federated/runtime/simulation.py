@@ -31,7 +31,7 @@ from ..devices import compute_share, draws_dropout, parse_fleet, simulated_time
 from ..evaluation import evaluate_global
 from ..local import ClientResult
 from ..lora import SharedBaseModel
-from ..partition import build_partitions, load_test_set, tokenize_example
+from ..partition import client_partitions, heldout_records, tokenize_record
 from ..strategies import ClientInfo, GlobalModel, RunView
 from .run_state import CHECKPOINT, CHECKPOINT_FORMAT, check_resume, commit_resume, torch_bytes
 from .server import aggregate, build_strategy, client_seed, plan_round
@@ -89,14 +89,12 @@ class Simulation:
         # the modelled deployment's size: factors on every round's FLOPs and bytes (1 = own size)
         self.cost_scale = cost_scale(fed.reference_params, own_params, self.base.shapes.values(),
                                      cfg.lora.target_modules)
-        parts = build_partitions(cfg.data.partition, cfg.data.num_clients, fed.seed, cfg.data.alpha, cfg.data.data_dir)
-        cap = cfg.data.max_examples_per_client
-        self.partitions = [p[:cap] if cap else p for p in parts]
+        self.partitions = client_partitions(cfg.data, fed.seed)
         self.fleet = parse_fleet(fed.fleet)[: cfg.data.num_clients]
         self.clients = [ClientInfo(c, len(p), self.fleet[c].memory_bytes) for c, p in enumerate(self.partitions)]
         # bound to the model: strategies that size submodels (FedPruner) need the shapes
         self.strategy = build_strategy(cfg, model.config)
-        self.test_records = load_test_set(cfg.data.data_dir)
+        self.test_records = heldout_records(cfg.data)
         self.tamper = tamper
         self._tokenized: dict[int, list[dict]] = {}
         self.global_ = self.strategy.init_global(self.base.shapes, fed.seed)
@@ -107,7 +105,7 @@ class Simulation:
     # ---- data ---------------------------------------------------------------------------
     def examples(self, cid: int) -> list[dict]:
         if cid not in self._tokenized:
-            self._tokenized[cid] = [tokenize_example(self.tokenizer, r, self.cfg.train.seq_len)
+            self._tokenized[cid] = [tokenize_record(self.tokenizer, r, self.cfg.train.seq_len, self.cfg.data.dataset)
                                     for r in self.partitions[cid]]
         return self._tokenized[cid]
 
@@ -146,7 +144,8 @@ class Simulation:
     def evaluate(self) -> dict:
         t = time.perf_counter()
         out = evaluate_global(self.base, self.tokenizer, self.test_records, self.cfg.eval, self.cfg.train.seq_len,
-                              self.global_.base_delta, self.strategy.eval_delta(self.global_))
+                              self.global_.base_delta, self.strategy.eval_delta(self.global_), self.cfg.data.dataset,
+                              self.cfg.data.data_dir)
         out["eval_s"] = time.perf_counter() - t
         return out
 
