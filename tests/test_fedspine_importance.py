@@ -79,21 +79,24 @@ def test_model_level_importance_on_a_tiny_peft_model(input_ids):
     out.loss.backward()
     ad = get_adapter(pm.get_base_model())
     layer = ad.layers[1]
-    per_q, per_kv, per_c = layer_unit_importance(ad, layer)
+    per_q, per_kv, per_c = layer_unit_importance(ad, layer, normalise=False)
     assert per_q.shape == (4,) and per_kv.shape == (2,) and per_c.shape == (96,)
     # brute force for the down projection's contribution to channel 7 plus gate/up rows
-    ref = 0.0
+    ref = ref_norm = 0.0
     for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)):
         m = getattr(layer.mlp, name)
         imp = lora_element_importance(m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight,
                                       m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad,
                                       m.scaling["default"])
         ref += float(imp[7].sum() if dim == 1 else imp[:, 7].sum())
+        ref_norm += float((imp[7].sum() if dim == 1 else imp[:, 7].sum()) / imp.mean())
     assert per_c[7] == pytest.approx(ref, rel=1e-5)
+    # normalised per module: each projection's scores divided by that projection's mean importance
+    assert layer_unit_importance(ad, layer)[2][7] == pytest.approx(ref_norm, rel=1e-5)
     ema = ImportanceEMA(0.9)
     first = update_model_importance(pm, ema)
     assert set(first) == {0, 1, 2, 3}
-    torch.testing.assert_close(first[1][1], per_c)
+    torch.testing.assert_close(first[1][1], layer_unit_importance(ad, layer)[2])
 
 
 def test_ema_is_point9_point1():

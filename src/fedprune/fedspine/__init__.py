@@ -8,7 +8,7 @@ from .importance import (ImportanceEMA, ffn_channel_importance, head_importance,
                          lora_element_importance, lora_weight_grad_estimate, update_model_importance)
 from .masks import (MaskHandle, apply_masks, check_gqa_valid, gqa_head_keep_mask, layer_keep_masks,
                     model_keep_masks, prune_to_masks)
-from .reward import REWARDS, fedspine_reward, get_reward
+from .reward import REWARDS, RoundOutcome, efficiency_reward, fedspine_reward, get_reward
 from .schedule import cubic_sparsity, is_prune_step, sparsity_at_local_step, sparsity_schedule
 
 __all__ = [
@@ -16,6 +16,6 @@ __all__ = [
     "ImportanceEMA", "ffn_channel_importance", "head_importance", "layer_unit_importance",
     "lora_element_importance", "lora_weight_grad_estimate", "update_model_importance",
     "MaskHandle", "apply_masks", "check_gqa_valid", "gqa_head_keep_mask", "layer_keep_masks",
-    "model_keep_masks", "prune_to_masks", "REWARDS", "fedspine_reward", "get_reward",
+    "model_keep_masks", "prune_to_masks", "REWARDS", "RoundOutcome", "efficiency_reward", "fedspine_reward", "get_reward",
     "cubic_sparsity", "is_prune_step", "sparsity_at_local_step", "sparsity_schedule",
 ]

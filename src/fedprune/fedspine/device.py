@@ -9,11 +9,14 @@ One round on device ``k`` (``train_fedspine_client``, a drop-in for
 2. every local step: forward/backward on the soft-masked model, fold the LoRAPrune
    importance of every head and FFN channel (LoRA gradients only) into the device's
    moving average (kept across rounds, like an optimiser state), AdamW step;
-3. after every ``interval`` local steps: one pruning step on the cubic schedule from the
-   sparsity the device already has to the target ratio ``p`` the server chose
-   (``T = steps // interval`` pruning steps, so the target is reached at the last one).
-   Masks only ever grow (a pruned unit never comes back); if ``p`` is below the current
-   sparsity nothing is pruned this round;
+3. after every ``interval`` local steps, except in the last ``recovery_steps``: one pruning
+   step on the cubic schedule from the sparsity the device already has to this round's goal,
+   which moves toward the target ratio ``p`` the server chose by at most ``max_step`` per round
+   (``fedspine.schedule``): the LoRA always trains on the final masks before it is uploaded,
+   and a device approaches ``p`` over several rounds instead of being cut at once. Layers in
+   ``protect_layers`` (default: first and last) keep every unit, the others prune more so the
+   model still reaches the goal. Masks only ever grow (a pruned unit never comes back); if
+   ``p`` is at or below the current sparsity nothing is pruned this round;
 4. return the LoRA compacted to the kept rows/columns, the row/column masks, and metrics
    the server may see: losses (``loss_before``/``loss_after``: one fixed local batch
    evaluated before and after the round, what the bandit's reward reads), sparsity
@@ -38,7 +41,7 @@ from ..federated.partition import collate
 from ..federated.submodel import lora_masks
 from .importance import ImportanceEMA, peft_lora_parts, update_model_importance
 from .masks import apply_masks, attention_params, ffn_params, model_keep_masks
-from .schedule import cubic_sparsity
+from .schedule import cubic_sparsity, prune_step_positions, round_sparsity_target
 
 Masks = Mapping[str, Mapping[int, torch.Tensor]]
 
@@ -116,14 +119,16 @@ def _probe_loss(base, batch, settings: TrainSettings, handle) -> tuple[float, fl
 class _PruneWhileTuning:
     """The :class:`~fedprune.federated.local.StepHook` of a FedSpine round: after each backward it
     counts the step's FLOPs under the masks in force and folds the LoRA-gradient importance into
-    the moving average; after every ``interval`` optimiser steps it takes one pruning step."""
+    the moving average; after the optimiser steps in ``positions`` (1-based) it takes one pruning
+    step, the ``k``-th of them to the cubic schedule's ``k``-th value from ``s_start`` to ``target``."""
 
     def __init__(self, base, handle, ema: ImportanceEMA, parts_fn, trainable: int, imp_flops: float,
-                 do_prune: bool, n_prune: int, interval: int, target: float, s_start: float):
+                 do_prune: bool, positions: Sequence[int], target: float, s_start: float,
+                 protect: Sequence[int] = ()):
         self.base, self.handle, self.ema, self.parts_fn = base, handle, ema, parts_fn
         self.trainable, self.imp_flops = trainable, imp_flops
-        self.do_prune, self.n_prune, self.interval = do_prune, n_prune, interval
-        self.target, self.s_start = target, s_start
+        self.do_prune, self.positions = do_prune, list(positions)
+        self.target, self.s_start, self.protect = target, s_start, tuple(protect)
         self.flops = 0.0
         self.prune_log: list[float] = []
         self.scores: dict = {}
@@ -137,13 +142,13 @@ class _PruneWhileTuning:
 
     def after_step(self, step: int) -> None:
         s = step + 1
-        if not (self.do_prune and s % self.interval == 0 and s // self.interval <= self.n_prune):
+        if not (self.do_prune and s in self.positions):
             return
-        ratio = cubic_sparsity(s // self.interval, self.n_prune, self.target, self.s_start)
+        ratio = cubic_sparsity(self.positions.index(s) + 1, len(self.positions), self.target, self.s_start)
         h = self.handle
         new_h, new_c = model_keep_masks(self.base.model, {i: v[0] for i, v in self.scores.items()},
                                         {i: v[1] for i, v in self.scores.items()}, ratio,
-                                        prev=(h.head_masks, h.channel_masks))
+                                        prev=(h.head_masks, h.channel_masks), protect=self.protect)
         for i in new_h:  # edit in place: the hooks read these dicts
             h.head_masks[i] = new_h[i]
             h.channel_masks[i] = new_c[i]
@@ -161,8 +166,12 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     target = float(extra.get("ratio", 0.0))
     interval = int(extra.get("interval", 20))
     momentum = float(extra.get("momentum", 0.9))
-    if not 0.0 <= target < 1.0 or interval < 1:
-        raise ValueError(f"bad FedSpine task: ratio={target}, interval={interval}")
+    max_step = float(extra.get("max_step", 1.0))
+    recovery = int(extra.get("recovery_steps", 0))
+    protect = [int(i) for i in extra.get("protect_layers", ())]
+    if not 0.0 <= target < 1.0 or interval < 1 or not 0.0 < max_step <= 1.0 or recovery < 0:
+        raise ValueError(f"bad FedSpine task: ratio={target} (in [0, 1)), interval={interval} (>= 1), "
+                         f"max_step={max_step} (in (0, 1]), recovery_steps={recovery} (>= 0)")
     base.load_lora(task.lora, task.rank)
     torch.manual_seed(seed)
     ad = base.adapter
@@ -180,8 +189,9 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
         cm.update({i: m.bool().clone() for i, m in task.channel_masks.items()})
     s_start = model_sparsity(ad, hm, cm)
     steps = task.local_steps or settings.local_steps
-    n_prune = steps // interval
-    do_prune = target > s_start + 1e-9 and n_prune > 0
+    goal = round_sparsity_target(min(s_start, 1.0), target, max_step)  # this round's step toward the target
+    positions = prune_step_positions(steps, interval, recovery)
+    do_prune = goal > s_start + 1e-9 and bool(positions)
     parts_fn = lambda mod: peft_lora_parts(mod, f"r{task.rank}")  # noqa: E731  (SharedBaseModel names adapters r{rank})
     trainable = sum(p.numel() for p in params)
 
@@ -191,7 +201,7 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
     try:
         probe_before, probe_flops = _probe_loss(base, probe, settings, handle)
         hook = _PruneWhileTuning(base, handle, ema, parts_fn, trainable, _importance_flops(base, keys, task.rank),
-                                 do_prune, n_prune, interval, target, s_start)
+                                 do_prune, positions, goal, s_start, protect)
         base.model.train()
         losses, tokens = train_steps(base, params, opt, batches, settings, pad_id, hook)
         probe_after, f_after = _probe_loss(base, probe, settings, handle)
@@ -212,8 +222,9 @@ def train_fedspine_client(base, task: ClientTask, examples: Sequence[dict], sett
         # the same batch before training (incoming LoRA and masks) and after (final LoRA and masks):
         # pruning damage and recovery both show, batch-to-batch noise does not
         "loss_before": probe_before, "loss_after": probe_after, "train_loss_tail": sum(tail) / len(tail),
-        "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target,
-        "prune_steps": len(hook.prune_log), "trainable_params": trainable,
+        "sparsity_start": s_start, "sparsity": sparsity, "target_ratio": target, "round_target": goal,
+        "prune_steps": len(hook.prune_log),
+        "recovery_steps": steps - max(positions) if hook.prune_log else steps, "trainable_params": trainable,
         "params_through": _params_through(base, hm, cm),
         "train_flops": flops, "wall_s": time.perf_counter() - t0,
     }

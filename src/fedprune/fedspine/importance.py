@@ -19,7 +19,8 @@ and unit importance sums ``I`` over the unit's weights:
   its query heads, so its weight is split evenly); the KV-group score is the sum of its
   query heads' scores, i.e. all of q/k/v/o of the group.
 
-A module without LoRA contributes nothing (its gradient is unknown under LoRA-only
+Each module's element importance is first divided by its mean (``normalise_module``), so
+q/k/v/o (and gate/up/down) have an equal say in a unit's score. A module without LoRA contributes nothing (its gradient is unknown under LoRA-only
 training). Scores are smoothed over iterations by ``ImportanceEMA``:
 ``S <- 0.9 S + 0.1 S_new`` (the first observation initialises ``S``).
 """
@@ -107,17 +108,34 @@ def peft_lora_parts(module: nn.Module, adapter_name: str = "default") -> LoraPar
     return LoraParts(module.base_layer.weight, A, B, A.grad, B.grad, float(module.scaling[adapter_name]))
 
 
+def normalise_module(imp: torch.Tensor | None, eps: float = 1e-12) -> torch.Tensor | None:
+    """``imp / mean(imp)``: one module's element importance on a scale of its own (mean 1).
+
+    The LoRA-gradient saliency of different projections differs by orders of magnitude (their
+    weights, LoRA factors and gradients do), so summing raw scores over q/k/v/o or gate/up/down
+    lets one projection decide alone which head or channel goes. Per-module normalisation gives
+    each projection an equal say; an all-zero module stays zero."""
+    if imp is None:
+        return None
+    m = float(imp.mean())
+    return imp / m if m > eps else torch.zeros_like(imp)
+
+
 def layer_unit_importance(adapter, layer: nn.Module,
                           parts_fn: Callable[[nn.Module], LoraParts | None] = peft_lora_parts,
+                          normalise: bool = True,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(per_q_head, per_kv_group, per_ffn_channel)`` scores of one decoder layer.
 
     ``adapter`` is a ``fedprune.adapters.DecoderAdapter``; ``parts_fn`` extracts the LoRA
     tensors of a linear (peft by default), so another LoRA implementation plugs in here.
+    ``normalise``: each module's element importance is divided by its mean first
+    (:func:`normalise_module`).
     """
     def imp(mod: nn.Module) -> torch.Tensor | None:
         p = parts_fn(mod)
-        return None if p is None else lora_element_importance(p.W, p.A, p.B, p.dA, p.dB, p.scaling)
+        out = None if p is None else lora_element_importance(p.W, p.A, p.B, p.dA, p.dB, p.scaling)
+        return normalise_module(out) if normalise else out
 
     q, k, v = adapter.qkv(layer)
     o = adapter.o_proj(layer)

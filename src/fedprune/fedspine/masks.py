@@ -22,7 +22,7 @@ logits equal the masked model's.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -102,20 +102,56 @@ def layer_keep_masks(head_scores: torch.Tensor, channel_scores: torch.Tensor, nu
     return heads, channels
 
 
+def protected_layer_ratio(layer_params: Sequence[int], protect: Sequence[int], ratio: float,
+                          max_ratio: float = 0.95) -> float:
+    """The ratio every unprotected layer takes so that the whole model loses ``ratio`` of its
+    parameters while the ``protect``-ed layers keep all theirs: ``ratio * total / unprotected``,
+    capped at ``max_ratio`` (a model cannot reach its target by emptying the layers it may prune)."""
+    total = sum(layer_params)
+    free = total - sum(layer_params[i] for i in set(protect))
+    if free <= 0:
+        return 0.0
+    return float(min(ratio * total / free, max_ratio))
+
+
+def resolve_layers(indices: Sequence[int], num_layers: int) -> set[int]:
+    """Layer indices with Python's negative indexing (``-1`` = the last layer); out of range refused."""
+    out = set()
+    for i in indices:
+        if not -num_layers <= int(i) < num_layers:
+            raise ValueError(f"protect_layers: layer {i} does not exist in a model of {num_layers} layers")
+        out.add(int(i) % num_layers)
+    return out
+
+
 def model_keep_masks(model: nn.Module, head_scores: Mapping[int, torch.Tensor],
                      channel_scores: Mapping[int, torch.Tensor], ratio: float,
                      prev: tuple[Mapping[int, torch.Tensor], Mapping[int, torch.Tensor]] | None = None,
+                     protect: Sequence[int] = (),
                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per-layer masks with the same ratio in every layer (``layer_keep_masks`` per layer)."""
+    """Per-layer masks with the same ratio in every layer (``layer_keep_masks`` per layer).
+
+    ``protect``: layers that keep every unit (``-1`` = the last); the others then take the higher
+    ratio of :func:`protected_layer_ratio`, so the model's sparsity still reaches ``ratio``.
+    """
     from ..adapters import get_adapter
 
     ad = get_adapter(model)
+    keep_all = resolve_layers(protect, len(ad.layers))
+    sizes = [attention_params(ad.num_heads(l), ad.num_kv_heads(l), ad.head_dim, ad.hidden_size)
+             + ffn_params(ad.ffn_out(l).in_features, ad.hidden_size, ad.gated_ffn) for l in ad.layers]
+    layer_ratio = protected_layer_ratio(sizes, sorted(keep_all), ratio) if keep_all else ratio
     hm, cm = {}, {}
     for i, layer in enumerate(ad.layers):
         ph = prev[0].get(i) if prev else None
         pc = prev[1].get(i) if prev else None
+        if i in keep_all:  # untouched (a unit pruned earlier stays pruned: masks only grow)
+            hm[i] = (ph.bool().clone() if ph is not None else torch.ones(ad.num_heads(layer), dtype=torch.bool))
+            cm[i] = (pc.bool().clone() if pc is not None else torch.ones(ad.ffn_out(layer).in_features,
+                                                                         dtype=torch.bool))
+            continue
         hm[i], cm[i] = layer_keep_masks(head_scores[i], channel_scores[i], ad.num_kv_heads(layer), ad.head_dim,
-                                        ad.hidden_size, ratio, ad.gated_ffn, ph, pc)
+                                        ad.hidden_size, layer_ratio, ad.gated_ffn, ph, pc)
     return hm, cm
 
 

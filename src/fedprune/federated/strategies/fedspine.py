@@ -4,10 +4,16 @@ iterative prune-and-tune on the device, heterogeneity-aware aggregation.
 Server, each round:
 - ``configure_train``: for every selected device its own chooser picks ``(p, r)``; the device
   gets the global LoRA at rank ``r`` (FlexLoRA SVD / HetLoRA truncation / as is), its
-  persistent masks (as LoRA row/column masks) and the target ``p``;
-- ``aggregate_train``: a reward per device from what the server observed (the device's
-  first/last training losses, the sparsity it reports, its completion time relative to the
-  slowest accepted device of the round; never its profile) updates its chooser; the masks the
+  persistent masks (as LoRA row/column masks), the target ``p`` and the schedule that makes a
+  round recover (at most ``max_step_sparsity`` closer to ``p`` per round, ``recovery_steps``
+  after the last prune, first and last layers protected). In the ``warmup_rounds`` first and
+  ``cooldown_rounds`` last rounds of the run nobody prunes (pure tuning at fixed masks, rank
+  ``phase_rank``) and no bandit is consulted or rewarded;
+- ``aggregate_train``: a reward per device from what the server observed (one local batch's loss
+  before and after the round, the sparsity it reached, its completion time relative to the
+  slowest accepted device of the round; never its profile) updates its chooser
+  (``fedspine.reward``, default ``efficiency``: improvement of the recovered pruned model per
+  unit of time); the masks the
   device returned replace the stored ones (they only grow); the LoRA updates are scattered to
   full index space and averaged per entry over their holders (``fedspine.aggregate``).
 
@@ -56,9 +62,9 @@ class FedSpineOptions:
     """local steps between two pruning steps (the paper: 20)"""
     reconcile: str = "flexlora"
     """``flexlora`` (SVD), ``hetlora`` (zero-padding) or ``fedavg`` (one rank)"""
-    reward: str = "fedspine"
-    """name in ``fedspine.reward.REWARDS``; the pruning progress it gets is ``sparsity / p_max``
-    (how far the device is along the range)"""
+    reward: str = "efficiency"
+    """name in ``fedspine.reward.REWARDS`` (``efficiency``: improvement of the recovered pruned model
+    per unit of time, plus the sparsity gained; ``fedspine``: the earlier gain x progress / time)"""
     reward_kwargs: dict | None = None
     """extra arguments of the reward"""
     chooser_kwargs: dict | None = None
@@ -79,6 +85,19 @@ class FedSpineOptions:
     picked a handful of times per run, too few for its own bandit alone. No device profile is read
     either way. Within a round the fleet bandit's earlier choices count as pending pulls
     (``select(pending=...)``), so one round's cold devices spread over the promising configurations."""
+
+    warmup_rounds: int = 0
+    """the run's first rounds: pure LoRA tuning, nobody prunes, no bandit is consulted"""
+    cooldown_rounds: int = 0
+    """the run's last rounds: tuning at fixed masks (nobody prunes further), no bandit is consulted"""
+    phase_rank: int | None = None
+    """the LoRA rank of warm-up and cool-down rounds (default: the largest of ``federation.ranks``)"""
+    max_step_sparsity: float = 0.1
+    """the most a device's sparsity moves toward its chosen ratio in one round (1 = all at once)"""
+    recovery_steps: int = 4
+    """local steps after the last prune step of a round, before upload (capped at local_steps - 1)"""
+    protect_layers: Sequence[int] = (0, -1)
+    """layers that are never pruned (-1 = the last); the others prune more to reach the ratio"""
 
     def __post_init__(self):
         from ...fedspine.aggregate import RECONCILE
@@ -101,6 +120,14 @@ class FedSpineOptions:
             raise ValueError(f"fedspine global_ratio must lie in [0, 1), got {self.global_ratio}")
         if self.fleet_warmup < 0:
             raise ValueError(f"fedspine fleet_warmup must be >= 0, got {self.fleet_warmup}")
+        for name in ("warmup_rounds", "cooldown_rounds", "recovery_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"fedspine {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < float(self.max_step_sparsity) <= 1:
+            raise ValueError(f"fedspine max_step_sparsity must lie in (0, 1], got {self.max_step_sparsity}")
+        if self.phase_rank is not None and int(self.phase_rank) < 1:
+            raise ValueError(f"fedspine phase_rank must be >= 1, got {self.phase_rank}")
+        self.protect_layers = [int(i) for i in self.protect_layers]
 
 
 class FedSpine(LoraStrategy):
@@ -123,6 +150,32 @@ class FedSpine(LoraStrategy):
         self.momentum, self.export = float(o.momentum), o.export
         self.global_ratio = o.global_ratio
         self.fleet_warmup = int(o.fleet_warmup)
+        if o.phase_rank is not None and int(o.phase_rank) not in self.ranks:
+            raise ValueError(f"fedspine phase_rank={o.phase_rank} is not one of federation.ranks {self.ranks}")
+        self.phase_rank = int(o.phase_rank) if o.phase_rank is not None else max(self.ranks)
+        self.total_rounds: int | None = None  # set by bind (the cool-down needs the run's length)
+
+    def bind(self, model_config, cfg) -> None:
+        """The run's length (for the cool-down) and checks that need the model and the run."""
+        o = self.options
+        self.total_rounds = int(cfg.federation.rounds)
+        if o.warmup_rounds + o.cooldown_rounds >= self.total_rounds and (o.warmup_rounds or o.cooldown_rounds):
+            raise ValueError(f"fedspine warmup_rounds={o.warmup_rounds} + cooldown_rounds={o.cooldown_rounds} leave "
+                             f"no pruning round in federation.rounds={self.total_rounds}")
+        n_layers = getattr(model_config, "num_hidden_layers", None)
+        if n_layers is not None:
+            from ...fedspine.masks import resolve_layers
+
+            resolve_layers(o.protect_layers, int(n_layers))
+
+    def phase(self, round_idx: int) -> str:
+        """``warmup``, ``prune`` or ``cooldown``: what round ``round_idx`` (1-based) does."""
+        o = self.options
+        if round_idx <= o.warmup_rounds:
+            return "warmup"
+        if self.total_rounds is not None and o.cooldown_rounds and round_idx > self.total_rounds - o.cooldown_rounds:
+            return "cooldown"
+        return "prune"
 
     # ---- the device program ------------------------------------------------------------
     def client_trainer(self, base, task, examples, settings, seed, pad_id, device_state=None):
@@ -181,7 +234,18 @@ class FedSpine(LoraStrategy):
         tasks = []
         fleet = self._chooser(global_, self.FLEET, seed) if self.fleet_warmup else None
         fleet_pending: list[Arm] = []  # the fleet bandit's choices of this round, rewards still to come
+        phase = self.phase(round_idx)
+        o = self.options
         for c in clients:
+            if phase != "prune":  # pure tuning at the device's current masks; no bandit is asked
+                meta["pending"][str(c.cid)] = {"round": round_idx, "source": phase, "p": 0.0, "r": self.phase_rank,
+                                               "point": None}
+                extra = {"ratio": 0.0, "interval": self.interval, "momentum": self.momentum,
+                         "row_masks": meta["masks"].get(str(c.cid)), "recovery_steps": int(o.recovery_steps),
+                         "max_step": float(o.max_step_sparsity), "protect_layers": list(o.protect_layers)}
+                tasks.append(ClientTask(c.cid, round_idx, self.phase_rank,
+                                        self.client_lora(global_, self.phase_rank, seed, svd), extra=extra))
+                continue
             ch = self._chooser(global_, c.cid, seed)
             if fleet is not None and ch.t < self.fleet_warmup:  # a cold device: the fleet decides
                 arm, source = fleet.select(pending=fleet_pending), "fleet"
@@ -192,7 +256,8 @@ class FedSpine(LoraStrategy):
             assert isinstance(arm, Arm)
             meta["pending"][str(c.cid)] = {"round": round_idx, "source": source, **arm.to_dict()}
             extra = {"ratio": float(arm.p), "interval": self.interval, "momentum": self.momentum,
-                     "row_masks": meta["masks"].get(str(c.cid))}
+                     "row_masks": meta["masks"].get(str(c.cid)), "recovery_steps": int(o.recovery_steps),
+                     "max_step": float(o.max_step_sparsity), "protect_layers": list(o.protect_layers)}
             tasks.append(ClientTask(c.cid, round_idx, int(arm.r), self.client_lora(global_, int(arm.r), seed, svd),
                                     extra=extra))
         if fleet_pending:
@@ -200,11 +265,12 @@ class FedSpine(LoraStrategy):
         return tasks
 
     def reward_of(self, metrics: dict, round_time: float) -> float:
-        from ...fedspine.reward import get_reward
+        from ...fedspine.reward import RoundOutcome, get_reward
 
-        progress = metrics.get("sparsity", 0.0) / max(self.p_range[1], 1e-9)
-        return float(get_reward(self.reward_name)(metrics["loss_before"], metrics["loss_after"], progress,
-                                                  metrics["time_s"], round_time, **self.reward_kwargs))
+        outcome = RoundOutcome(metrics["loss_before"], metrics["loss_after"], metrics["time_s"], round_time,
+                               float(metrics.get("sparsity_start", 0.0)), float(metrics.get("sparsity", 0.0)),
+                               float(metrics.get("target_ratio", 0.0)), self.p_range[1])
+        return float(get_reward(self.reward_name)(outcome, **self.reward_kwargs))
 
     def aggregate_train(self, round_idx, results, global_):
         from ...fedspine.aggregate import masked_flexlora_aggregate, masked_lora_aggregate
@@ -223,11 +289,12 @@ class FedSpine(LoraStrategy):
                 raise ValueError(f"round {round_idx}: result from device {r.cid} that was not configured this round")
             arm = Arm(float(pend["p"]), int(pend["r"]), tuple(pend["point"]) if pend.get("point") else None)
             reward = self.reward_of(r.metrics, round_time)
-            ch = self._chooser(GlobalModel(meta=meta), r.cid, 0)
-            ch.update(arm, reward)
-            meta["bandits"][key] = ch.state_dict()
-            if fleet is not None:  # every reward also teaches the fleet-wide bandit
-                fleet.update(arm, reward)
+            if pend.get("source") in ("device", "fleet"):  # warm-up / cool-down rounds teach no bandit
+                ch = self._chooser(GlobalModel(meta=meta), r.cid, 0)
+                ch.update(arm, reward)
+                meta["bandits"][key] = ch.state_dict()
+                if fleet is not None:  # every reward also teaches the fleet-wide bandit
+                    fleet.update(arm, reward)
             meta["masks"][key] = {k: {int(d): m.clone() for d, m in v.items()} for k, v in r.masks.items()}
             meta["sparsity"][key] = float(r.metrics.get("sparsity", 0.0))
             meta["rounds"][key] = int(meta["rounds"].get(key, 0)) + 1
@@ -235,7 +302,9 @@ class FedSpine(LoraStrategy):
                                   "chosen_by": pend.get("source", "device"),
                                   "reward": reward, "sparsity": meta["sparsity"][key],
                                   "time_s": r.metrics.get("time_s"), "loss_before": r.metrics["loss_before"],
-                                  "loss_after": r.metrics["loss_after"]})
+                                  "loss_after": r.metrics["loss_after"],
+                                  "sparsity_start": r.metrics.get("sparsity_start"),
+                                  "round_target": r.metrics.get("round_target")})
         if fleet is not None:
             meta["fleet_bandit"] = fleet.state_dict()
         # arms of devices that dropped out or were cut off get no reward (nothing was observed)
