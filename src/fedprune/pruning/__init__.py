@@ -71,7 +71,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
 
     Calibration: ``calib_ids`` (``[N, L]`` token ids) if given, else ``nsamples`` windows of
     ``seq_len`` tokens drawn with ``seed`` from ``calibration`` (needs ``tokenizer``).
-    ``options`` go to the method (e.g. ``layer_fraction=0.25, neuron_metric="mask_lsq"`` for COMP).
+    ``options`` go to the method (e.g. ``layer_fraction=0.25, neuron_metric="rescale_obs"`` for COMP).
     If ``output`` is given, the pruned model (and tokenizer) is saved there with its plan; the
     output is checked (and locked against a concurrent writer) before any pruning, and what is
     already there is replaced only with ``overwrite=True`` (rules: :mod:`fedprune.outputs`).

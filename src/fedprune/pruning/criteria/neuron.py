@@ -22,12 +22,28 @@ Candidates (``comp.md`` C1..C4), all ranking *high = keep*:
 ``compensated``   C3, ``||w_j||^2 / (G^-1)_jj``: the output error left when unit j is removed
                   and the remaining units' weights are re-fitted optimally (OBS, structured).
                   Greedy: remove a chunk, downdate ``G^-1`` by a Schur complement, re-score.
-``mask_lsq``      C4, ``1 / (A^-1)_jj``: the error left when j is removed and the others may
-                  only be *re-scaled* (exactly what mask tuning can recover), re-scored greedily,
-                  which keeps the mask-tuning system well conditioned.
-``cond_loo``      C1, one ``eigh`` of ``A``: a unit's energy inside the span of the ``k - n``
-                  largest eigen-directions, ``sum_{top} lambda_i v_ij^2``; units that carry the
-                  small-eigenvalue (ill-conditioned) directions score low.
+``rescale_obs``   C4 (was ``mask_lsq``), ``1 / (A^-1)_jj``: the OBS-style leave-one-out error left when
+                  j is removed and the others may only be *re-scaled* (exactly what mask tuning can
+                  recover), re-scored greedily. Not a condition number.
+``top_eig_energy`` C1 (was ``cond_loo``), one ``eigh`` of ``A``: a unit's energy inside the span of the
+                  ``k - n`` largest eigen-directions, ``sum_{top} lambda_i v_ij^2``; units that carry the
+                  small-eigenvalue (ill-conditioned) directions score low. Not a condition number.
+``cond_greedy``   a score *defined on* the condition number ``kappa(M) = lambda_max(M) / lambda_min(M)``
+                  of the damped contribution Gram ``M = A_S + lambda I`` of the kept set ``S``:
+
+                      score_j = energy_j * kappa(M_{S-j}) / kappa(M_S)
+
+                  (low when dropping j makes the mask-tuning system better conditioned and j carries
+                  little energy), greedy backward elimination in chunks, re-scored after each chunk.
+                  ``kappa(M_{S-j})`` is exact (one ``eigvalsh`` per unit) for ``|S| <= 64``; above,
+                  a lower bound from one ``eigh`` of ``M_S`` per chunk: deleting row/column j, the
+                  truncated extreme eigenvectors ``u`` (top) and ``v`` (bottom) are feasible vectors of
+                  ``M_{S-j}``, so by Courant-Fischer and Cauchy interlacing
+                  ``lambda_max' >= max((lambda_max (1 - 2 u_j^2) + u_j^2 M_jj) / (1 - u_j^2), lambda_{2nd max})``
+                  and ``lambda_min' <= min((lambda_min (1 - 2 v_j^2) + v_j^2 M_jj) / (1 - v_j^2), lambda_{2nd min})``;
+                  their ratio never exceeds the true ``kappa(M_{S-j})`` and equals it when ``M`` is
+                  diagonal. First-order, the estimate falls most for the units that carry the
+                  smallest eigen-direction (``v_j^2`` large), which is what the exact score rewards.
 """
 from __future__ import annotations
 
@@ -119,24 +135,97 @@ def compensated(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor
     return _greedy_inverse_scores(s.G, s.w_norm2, n_remove, damp)
 
 
-def mask_lsq(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor:
+def rescale_obs(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor:
     return _greedy_inverse_scores(s.A, torch.ones(s.k, dtype=torch.float64), n_remove, damp)
 
 
-def cond_loo(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor:
+def top_eig_energy(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor:
     A = s.A.double()
     evals, evecs = torch.linalg.eigh(A)  # ascending
     top = max(s.k - max(n_remove, 1), 1)
     return (evecs[:, -top:] ** 2 * evals[-top:].clamp_min(0)).sum(1)
 
 
+def _damped(M: torch.Tensor, damp: float) -> torch.Tensor:
+    M = M.double()
+    lam = damp * M.diagonal().mean().clamp_min(1e-12)
+    return M + lam * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
+def condition_number(M: torch.Tensor) -> float:
+    """``lambda_max / lambda_min`` of a symmetric positive definite matrix (``inf`` when singular)."""
+    ev = torch.linalg.eigvalsh(M.double())
+    return float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")
+
+
+EXACT_LOO_COND_MAX = 64
+"""Up to this many kept units ``cond_greedy`` computes every leave-one-out condition number exactly."""
+
+
+def loo_condition_numbers(M: torch.Tensor, exact: bool | None = None) -> torch.Tensor:
+    """``kappa(M_{-j})`` for every j (``M`` SPD ``[k, k]``, ``M_{-j}`` without row and column j): exact,
+    or the lower bound of the module docstring (default: exact up to :data:`EXACT_LOO_COND_MAX` units)."""
+    M = M.double()
+    k = M.shape[0]
+    if k < 2:
+        return torch.ones(k, dtype=torch.float64)
+    if exact if exact is not None else k <= EXACT_LOO_COND_MAX:
+        out = torch.empty(k, dtype=torch.float64)
+        for j in range(k):
+            keep = torch.cat([torch.arange(j), torch.arange(j + 1, k)])
+            out[j] = condition_number(M[keep][:, keep])
+        return out
+    evals, evecs = torch.linalg.eigh(M)
+    d = M.diagonal()
+    u2, v2 = evecs[:, -1] ** 2, evecs[:, 0] ** 2
+    rq_top = (evals[-1] * (1 - 2 * u2) + u2 * d) / (1 - u2).clamp_min(1e-12)
+    rq_bot = (evals[0] * (1 - 2 * v2) + v2 * d) / (1 - v2).clamp_min(1e-12)
+    lam_max = torch.maximum(torch.where(u2 < 1 - 1e-9, rq_top, evals[-2]), evals[-2])
+    lam_min = torch.minimum(torch.where(v2 < 1 - 1e-9, rq_bot, evals[1]), evals[1])
+    return lam_max / lam_min.clamp_min(1e-300)
+
+
+def cond_greedy(s: UnitStats, n_remove: int, damp: float = 0.01, chunks: int = 8) -> torch.Tensor:
+    M = _damped(s.A, damp)
+    e = energy(s, n_remove)
+    k = M.shape[0]
+    alive = torch.ones(k, dtype=torch.bool)
+    rank = torch.empty(k, dtype=torch.float64)
+    pos = 0
+    step = max(1, -(-n_remove // chunks)) if n_remove > 0 else k
+    while True:
+        idx = alive.nonzero().squeeze(1)
+        sub = M[idx][:, idx]
+        score = e[idx] * loo_condition_numbers(sub) / condition_number(sub)
+        if pos >= n_remove or len(idx) <= 1:
+            rank[idx] = n_remove + torch.argsort(torch.argsort(score)).double()
+            return rank
+        take = min(step, n_remove - pos)
+        drop = idx[torch.argsort(score)[:take]]
+        rank[drop] = torch.arange(pos, pos + take, dtype=torch.float64)
+        pos += take
+        alive[drop] = False
+
+
 NEURON_CRITERIA: Registry[Callable[..., torch.Tensor]] = Registry("neuron criterion")
-for _name, _fn in (("energy", energy), ("vif", vif), ("compensated", compensated), ("mask_lsq", mask_lsq),
-                   ("cond_loo", cond_loo)):
+for _name, _fn in (("energy", energy), ("vif", vif), ("compensated", compensated), ("rescale_obs", rescale_obs),
+                   ("top_eig_energy", top_eig_energy), ("cond_greedy", cond_greedy)):
     NEURON_CRITERIA.register(_name, _fn)
+
+RENAMED_CRITERIA = {"mask_lsq": "rescale_obs", "cond_loo": "top_eig_energy"}
+"""Old names refused with the new one: neither computes a condition number."""
+
+
+def check_neuron_metric(name: str) -> None:
+    """Raise for an unknown criterion, naming the new name of a renamed one."""
+    if name in RENAMED_CRITERIA:
+        raise ValueError(f"neuron_metric {name!r} was renamed {RENAMED_CRITERIA[name]!r} (it is not a condition "
+                         f"number); the condition-number criterion is 'cond_greedy'")
+    NEURON_CRITERIA.get(name)
 
 
 def removal_order(criterion: str, stats: UnitStats, n_remove: int, damp: float = 0.01) -> list[int]:
     """The ``n_remove`` least important units under ``criterion`` (indices, ascending importance)."""
+    check_neuron_metric(criterion)
     scores = NEURON_CRITERIA.get(criterion)(stats, n_remove, damp)
     return torch.argsort(scores)[:n_remove].tolist()

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from ...adapters import DecoderAdapter
 from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets
 from ..criteria.layer import block_influence_scores, calibration_nll, lowest, sleb_removal
-from ..criteria.neuron import NEURON_CRITERIA, removal_order
+from ..criteria.neuron import NEURON_CRITERIA, check_neuron_metric, removal_order
 from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
 from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll, hooks, run_layer
 from ..selection import choose_heads, heads_removed
-from ..mask_tuning import fold_column_scales, solve_mask
+from ..mask_tuning import MaskFit, fit_scales, fold_column_scales, system_error
 from ..stats import GramAccumulator, flat_tokens, linear_bias
 from ...options import require_int, require_number
 
@@ -50,10 +50,22 @@ class CompOptions:
     """Remove exactly this many whole layers (overrides ``layer_fraction``)."""
     layer_metric: str = "bi"
     """``bi`` (Block Influence) or ``sleb`` (iterative calibration-loss removal)."""
-    neuron_metric: str = "mask_lsq"
+    neuron_metric: str = "rescale_obs"
     """One of ``criteria.neuron.NEURON_CRITERIA``."""
     mask_tuning: bool = True
     """Recover each pruned layer by mask tuning (one least-squares scale per kept head / channel)."""
+    mask_target: str = "global"
+    """What mask tuning fits (``mask_tuning``): ``global`` the dense model's layer output (includes the drift
+    inherited from earlier pruned layers), ``local`` the dense module's output on the same pruned inputs."""
+    mask_bias: bool = False
+    """Fit a per-output constant with the scales (folded into ``o_proj``/``down_proj``'s bias; created and
+    recorded in the plan where the architecture has none)."""
+    mask_damp: float | str | None = None
+    """Mask tuning's relative damping: a number, ``None`` (= ``damp``) or ``"heldout"`` (the best of
+    ``MASK_DAMP_GRID`` on held-out calibration samples)."""
+    mask_fallback: str = "reject"
+    """A solution with a scale above 10: ``reject`` (keep the layer's scales at 1) or ``retry`` with
+    tenfold damping, up to four times."""
     head_sparsity: float | None = 0.0
     """Fraction of query heads removed per KV group; ``None``: same as the layer's sparsity; 0 (default): no
     head pruning. SmolLM2 has 3 query heads per KV group, so any head pruning removes a third of them, which
@@ -87,7 +99,13 @@ class CompOptions:
             raise ValueError(f"max_layer_sparsity must be in (0, 1), got {self.max_layer_sparsity}")
         if self.layer_metric not in ("bi", "sleb"):
             raise ValueError(f"layer_metric must be 'bi' or 'sleb', got {self.layer_metric!r}")
-        NEURON_CRITERIA.get(self.neuron_metric)  # raises with the known names
+        check_neuron_metric(self.neuron_metric)  # raises with the known names (or the new name)
+        if self.mask_target not in MASK_TARGETS:
+            raise ValueError(f"mask_target must be one of {MASK_TARGETS}, got {self.mask_target!r}")
+        if self.mask_fallback not in ("reject", "retry"):
+            raise ValueError(f"mask_fallback must be 'reject' or 'retry', got {self.mask_fallback!r}")
+        if self.mask_damp is not None and self.mask_damp != "heldout":
+            require_number("mask_damp", self.mask_damp, 0.0)
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         require_int("batch_size", self.batch_size, 1)
@@ -105,16 +123,72 @@ def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torc
     return NEURON_CRITERIA.get(criterion)(stats, n_remove, damp)
 
 
-def _mask_tune(st, acc: GramAccumulator, keep: list[int], lin: torch.nn.Linear, damp: float,
+MASK_TARGETS = ("global", "local")
+MASK_DAMP_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+"""Relative dampings tried by ``mask_damp="heldout"``."""
+
+
+def held_out_batch(b: int, num_batches: int) -> bool:
+    """Calibration batches held out from the mask-tuning fit (to choose damping and report honest errors):
+    every fourth batch, or the last one when there are fewer than four; none when there is one batch."""
+    if num_batches < 2:
+        return False
+    return b % 4 == 3 if num_batches >= 4 else b == num_batches - 1
+
+
+def _errors(sys_by_target: dict, fit: MaskFit) -> dict[str, list[float]]:
+    return {t: [system_error(S, torch.ones_like(fit.scales)), system_error(S, fit.scales, fit.bias)]
+            for t, S in sys_by_target.items()}
+
+
+def _mask_tune(adapter: DecoderAdapter, kept_pos: int, site: str, fit_acc: GramAccumulator,
+               held_acc: GramAccumulator, all_acc: GramAccumulator, keep: list[int], opts: CompOptions,
                group: int = 1) -> dict[str, Any]:
-    """Mask tuning of the kept units (``keep``, ``group`` columns each) of output projection ``lin``:
-    solve for one scale per unit and fold it into ``lin`` when the solve is accepted; returns the record."""
-    idx = torch.as_tensor(keep)
-    sol = solve_mask(st.A[idx][:, idx], acc.c[idx], acc.e2, damp)
+    """Mask tuning of the kept units (``keep``, ``group`` columns each) of ``site`` (``o_proj`` / ``ffn_out``).
+
+    The scales (and bias, ``mask_bias``) are solved on all calibration tokens and folded into the layer.
+    The record holds, per target (``global``: the dense model's output; ``fixable``: the dense module's
+    output on the same pruned inputs), the error ``[before, after]`` in sample and, for a solution fitted
+    on the other batches only, on held-out batches; ``fixable_share_removed`` is
+    ``1 - after / before`` of the fixable error on held-out tokens (in sample without held-out batches).
+    """
+    fitted = opts.mask_target
+    kw = dict(bias=opts.mask_bias, fallback=opts.mask_fallback)
+    has_held = held_acc.n > 0 and fit_acc.n > 0
+    damp = opts.damp if opts.mask_damp is None else opts.mask_damp
+    grid = None
+    if damp == "heldout":
+        if has_held:
+            S_fit, S_held = fit_acc.system(fitted, keep), held_acc.system(fitted, keep)
+            grid = {}
+            for d in MASK_DAMP_GRID:
+                f = fit_scales(S_fit, d, **kw)
+                grid[d] = system_error(S_held, f.scales, f.bias)
+            damp = min(grid, key=grid.get)
+        else:
+            damp = opts.damp
+    sol = fit_scales(all_acc.system(fitted, keep), float(damp), **kw)
+    rec: dict[str, Any] = {"accepted": sol.accepted, "reason": sol.reason, "target": fitted, "damp": sol.damp,
+                           "err_before": sol.error_before, "err_after": sol.error_after,
+                           "in_sample": _errors({"global": all_acc.system("global", keep),
+                                                 "fixable": all_acc.system("local", keep)}, sol)}
+    if grid is not None:
+        rec["damp_grid_heldout_error"] = {str(d): e for d, e in grid.items()}
     if sol.accepted:
+        rec["scale_min"], rec["scale_max"] = float(sol.scales.min()), float(sol.scales.max())
+    if has_held:
+        hsol = fit_scales(fit_acc.system(fitted, keep), sol.damp, **kw)
+        rec["held_out"] = _errors({"global": held_acc.system("global", keep),
+                                   "fixable": held_acc.system("local", keep)}, hsol)
+    ref = rec.get("held_out", rec["in_sample"])["fixable"]
+    rec["fixable_share_removed"] = (1.0 - ref[1] / ref[0]) if ref[0] > 0 else 0.0
+    if sol.accepted:
+        lin = getattr(adapter, site)(adapter.layers[kept_pos])
         fold_column_scales(lin, sol.scales, group=group)
-    return {"accepted": sol.accepted, "reason": sol.reason, "err_before": sol.error_before,
-            "err_after": sol.error_after}
+        if sol.bias is not None:
+            rec["bias_added"] = lin.bias is None  # created (and recorded in the plan) or added to the existing one
+            adapter.add_output_bias(kept_pos, site, sol.bias)
+    return rec
 
 
 @torch.no_grad()
@@ -155,25 +229,38 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
         y_dense = x_dense
         # -- attention heads
         if prune_heads:
-            acc = GramAccumulator(adapter.num_heads(layer))
+            accs = (GramAccumulator(adapter.num_heads(layer), MASK_TARGETS),
+                    GramAccumulator(adapter.num_heads(layer), MASK_TARGETS))  # fitted on, held out
+            nb = x_pruned.num_batches
             for b, xb in x_pruned.batches():
-                eb = flat_tokens(mid_dense.read(b) - xb) - linear_bias(o)
-                with hooks([(o, lambda m, i, out: acc.add_heads(flat_tokens(i[0]), m.weight, eb, hd))]):
+                acc = accs[held_out_batch(b, nb)]
+
+                def grab_heads(m, i, out, xb=xb, b=b, acc=acc):
+                    ob = linear_bias(m)
+                    e = {"global": flat_tokens(mid_dense.read(b) - xb) - ob, "local": flat_tokens(out) - ob}
+                    acc.add_heads(flat_tokens(i[0]), m.weight, e, hd)
+
+                with hooks([(o, grab_heads)]):
                     run_layer(layer, xb, kw, bs)
+            acc = accs[0].merged(accs[1])
             st = acc.unit_stats_heads()
+            accs[0].unit_stats_heads(), accs[1].unit_stats_heads()
             n_rm = heads_removed(adapter, layer, tgt)
             scores = _head_rank_scores(opts.neuron_metric, st, n_rm, opts.damp)
             keep = choose_heads(adapter, layer, scores, tgt)
             adapter.prune_heads(kept_pos, keep)
             entry["heads_kept"] = len(keep)
             if opts.mask_tuning:
-                entry["heads_mask"] = _mask_tune(st, acc, keep, adapter.o_proj(layer), opts.damp, group=hd)
+                entry["heads_mask"] = _mask_tune(adapter, kept_pos, "o_proj", accs[0], accs[1], acc, keep, opts,
+                                                 group=hd)
         if mid_dense is not None:
             mid_dense.close()
         # -- FFN channels
         if tgt.channels:
             down = adapter.ffn_out(layer)
-            acc = GramAccumulator(adapter.intermediate_size(layer))
+            accs = (GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS),
+                    GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS))  # fitted on, held out
+            nb = x_pruned.num_batches
             for b, xb in x_pruned.batches():
                 cap: dict[str, torch.Tensor] = {}
 
@@ -182,16 +269,19 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
 
                 with hooks([(down, grab)]):
                     yb = run_layer(layer, xb, kw, bs)
-                eb = flat_tokens(y_dense.read(b) - yb) + cap["f"] - linear_bias(down)
-                acc.add_channels(cap["h"], down.weight, eb)
-                del cap, yb, eb
+                local = cap["f"] - linear_bias(down)  # the dense module's contribution on these inputs
+                e = {"global": flat_tokens(y_dense.read(b) - yb) + local, "local": local}
+                accs[held_out_batch(b, nb)].add_channels(cap["h"], down.weight, e)
+                del cap, yb, e, local
+            acc = accs[0].merged(accs[1])
             st = acc.unit_stats_channels(down.weight)
+            accs[0].unit_stats_channels(down.weight), accs[1].unit_stats_channels(down.weight)
             drop = set(removal_order(opts.neuron_metric, st, tgt.channels, opts.damp))
             keep = [c for c in range(acc.k) if c not in drop]
             adapter.prune_ffn_channels(kept_pos, keep)
             entry["channels_kept"] = len(keep)
             if opts.mask_tuning:
-                entry["ffn_mask"] = _mask_tune(st, acc, keep, adapter.ffn_out(layer), opts.damp)
+                entry["ffn_mask"] = _mask_tune(adapter, kept_pos, "ffn_out", accs[0], accs[1], acc, keep, opts)
         advance_stream(layer, x_pruned, kw)
         report.append(entry)
         kept_pos += 1
