@@ -13,7 +13,11 @@ from ..options import int_at_least, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
+    p.add_argument("--model", default=None,
+                   help="known name, HF directory, .gguf file or hub id (default smollm2-135m)")
+    p.add_argument("--lora", metavar="RUN_DIR", default=None,
+                   help="evaluate a federated run's global model: its base model (model.name of RUN_DIR/config.yaml) "
+                        "with the run's global LoRA merged (instead of --model)")
     p.add_argument("--tasks", default="wikitext2,ptb,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
                    help="comma-separated: wikitext2, ptb, c4, text:PATH, boolq, piqa, hellaswag, winogrande, "
                         "arc_easy, arc_challenge, openbookqa, siqa, commonsense_qa (lettered, as lm-eval), "
@@ -44,8 +48,24 @@ def _check_settings(args, tasks: list[str]) -> None:
     from ..models.loading import load_model_config
 
     check_data_dir(args.data_dir)
+    config = None if args.model == "tiny-llama" else load_model_config(args.model)
     check_eval_args(tasks, args.seq_len, args.limit, args.batch_size, args.ppl_batch_size,
-                    load_model_config(args.model), OPTION_NAMES, str(args.model))
+                    config, OPTION_NAMES, str(args.model))
+
+
+def resolve_model_args(args) -> None:
+    """``--lora RUN_DIR`` takes the run's base model (refusing a different ``--model``);
+    without it ``--model`` defaults to smollm2-135m."""
+    if args.lora:
+        from ..federated.runtime.run_state import stored_config
+
+        base = stored_config(Path(args.lora)).model.name
+        if args.model is not None and args.model != base:
+            raise ValueError(f"--lora {args.lora} was trained on {base!r} (model.name in its config.yaml); "
+                             f"drop --model {args.model}")
+        args.model = base
+    elif args.model is None:
+        args.model = "smollm2-135m"
 
 
 def results_table(result: dict):
@@ -112,16 +132,22 @@ def run(args) -> int:
     from ..outputs import check_file_output
 
     tasks = parse_tasks(args.tasks)  # fail on a typo before loading the model
+    resolve_model_args(args)
     _check_settings(args, tasks)  # and on a window longer than the model's context
     if args.output:  # and on an output that cannot or must not be written
         check_file_output(args.output, args.overwrite)
     writer = _ProgressWriter(args.output)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = load_tokenizer(args.model)
+    if args.lora:
+        from ..federated.merged import load_merged_run
+
+        model, tokenizer, _ = load_merged_run(args.lora, dtype=args.dtype, device=args.device)
+    else:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        tokenizer = load_tokenizer(args.model)
     try:
         result = evaluate(model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit,
                           batch_size=args.batch_size, data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size,
-                          name=str(args.model), on_result=writer.progress if args.output else None)
+                          name=f"{args.model}+lora:{args.lora}" if args.lora else str(args.model), on_result=writer.progress if args.output else None)
     except BaseException as exc:
         writer.failed(exc)
         raise

@@ -1,4 +1,9 @@
-"""``fedprune export``: a (pruned) model directory to a GGUF file for llama.cpp."""
+"""``fedprune export``: a (pruned) model directory to a GGUF file for llama.cpp.
+
+``--lora RUN_DIR`` exports a federated run's global model instead: its base model (``model.name``
+of the run's config, a pruned checkpoint included) with the run's global LoRA merged into the
+weights (``fedprune.federated.merged``, the same merge ``fedprune eval --lora`` evaluates).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +12,10 @@ from ..options import nonnegative_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (pruned checkpoints included) or known name")
+    p.add_argument("--model", default=None, help="model directory (pruned checkpoints included) or known name")
+    p.add_argument("--lora", metavar="RUN_DIR", default=None,
+                   help="export a federated run's global model: its base (model.name of RUN_DIR/config.yaml) with the "
+                        "run's global LoRA merged (instead of --model)")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0", "f32"], help="type of the 2-D weights")
     p.add_argument("--output", required=True, help="GGUF file to write (atomically)")
@@ -24,16 +32,29 @@ def run(args) -> int:
     from ..deploy import export_gguf
     from ..outputs import check_file_output, output_lock
 
+    if args.lora and args.model:
+        raise ValueError("give --model or --lora RUN_DIR (which exports the run's own base model), not both")
+    if not args.lora and not args.model:
+        raise ValueError("give --model MODEL_DIR, or --lora RUN_DIR to export a federated run's merged model")
     out = check_file_output(args.output, args.overwrite, what="--output")  # before any work
+    model = tok = None
+    if args.lora:
+        from ..federated.merged import load_merged_run
+
+        model, tok, info = load_merged_run(args.lora)
     with output_lock(out.with_name(f".{out.name}.lock"), f"the GGUF file {out}"):
-        report = export_gguf(args.model, args.output, args.outtype, tokenizer_pre=args.tokenizer_pre)
+        report = export_gguf(model if model is not None else args.model, args.output, args.outtype, tokenizer=tok,
+                             tokenizer_pre=args.tokenizer_pre)
+    if args.lora:
+        report["lora"] = {"run_dir": info["run_dir"], "round": info["round"], "strategy": info["strategy"]}
     print(json.dumps(report, indent=2))
     if args.verify:
         from .. import load_model, load_tokenizer
         from ..deploy import verify_gguf
         from ..evaluate.speed import prompt_ids
 
-        model, tok = load_model(args.model), load_tokenizer(args.model)
+        if model is None:
+            model, tok = load_model(args.model), load_tokenizer(args.model)
         ids = prompt_ids(model, tok, args.verify, 1)[0].tolist()
         check = verify_gguf(model, args.output, ids, tokenizer=tok, text=tok.decode(ids))
         print(json.dumps(check, indent=2))
