@@ -42,7 +42,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_metric_energy": ("comp", {"neuron_metric": "energy"}),
     "comp_metric_vif": ("comp", {"neuron_metric": "vif"}),
     "comp_metric_compensated": ("comp", {"neuron_metric": "compensated"}),
-    "comp_metric_cond_loo": ("comp", {"neuron_metric": "cond_loo"}),
+    "comp_metric_top_eig_energy": ("comp", {"neuron_metric": "top_eig_energy"}),
+    "comp_metric_cond_greedy": ("comp", {"neuron_metric": "cond_greedy"}),
+    # mask-tuning variants (mask_tuning.py): target, joint bias, damping fallback / held-out damping
+    "comp_mask_local": ("comp", {"mask_target": "local"}),
+    "comp_mask_global_bias": ("comp", {"mask_bias": True}),
+    "comp_mask_local_bias": ("comp", {"mask_target": "local", "mask_bias": True}),
+    "comp_mask_local_bias_heldout": ("comp", {"mask_target": "local", "mask_bias": True, "mask_damp": "heldout",
+                                              "mask_fallback": "retry"}),
+    "comp_mask_retry": ("comp", {"mask_fallback": "retry"}),
+    "comp_with_heads_no_mask_tuning": ("comp", {"head_sparsity": None, "mask_tuning": False}),
+    "comp_with_heads_local_bias": ("comp", {"head_sparsity": None, "mask_target": "local", "mask_bias": True}),
     **{p: (p, {}) for p in PEERS},
 }
 ABLATIONS = [k for k in VARIANTS if k.startswith("comp_")]
@@ -69,7 +79,8 @@ def worker(args) -> dict:
     gc.collect()
     rec: dict = {"name": args.name, "method": method, "ratio": args.ratio, "options": opts,
                  "calibration": {"corpus": "c4", "nsamples": args.nsamples, "seq_len": args.seq_len, "seed": args.seed}}
-    dense_speed = speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats)
+    dense_speed = None if args.ppl_only else speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                                   repeats=args.repeats)
     if method is not None:
         from fedprune.pruning import get_calibration
 
@@ -85,6 +96,8 @@ def worker(args) -> dict:
                    prune_wall_s=res.wall_time_s, rss_after_load=rss_loaded, prune_peak_rss=peak,
                    prune_overhead_bytes=peak - rss_loaded,
                    removed_layers=res.report.get("removed_layers"), layer_fraction=res.report.get("layer_fraction"))
+        if "layers" in res.report:  # COMP's per-layer record: units kept, mask-tuning errors and scales
+            rec["layers"] = res.report["layers"]
     # perplexity over the first N windows, zero-shot over the first M examples per task
     if args.no_eval:
         rec["speed"] = dense_speed
@@ -99,6 +112,10 @@ def worker(args) -> dict:
         rec.update(measure_speed())
         return rec
     ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
+    if args.ppl_only:
+        rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"],
+                   settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "threads": args.threads})
+        return rec
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
                   progress=False)
     rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"], zero_shot=zs["results"], zero_shot_avg=zs["average"],
@@ -120,6 +137,8 @@ def run_one(args, name: str, ratio: float) -> dict | None:
         cmd.append("--no-eval")
     if args.speed_only:
         cmd.append("--speed-only")
+    if args.ppl_only:
+        cmd.append("--ppl-only")
     cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--repeats", str(args.repeats)]
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio} ...", flush=True)
@@ -186,6 +205,40 @@ def speed_table(records: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mask_rows(r: dict) -> list[str]:
+    rows = []
+    for e in r.get("layers") or []:
+        for site in ("heads_mask", "ffn_mask"):
+            m = e.get(site)
+            if not m:
+                continue
+            ho = m.get("held_out") or m["in_sample"]
+            g, f = ho["global"], ho["fixable"]
+            rows.append(f"| {e['layer']} | {site.split('_')[0]} | {'yes' if m['accepted'] else m['reason']} | "
+                        f"{m['damp'] if m['damp'] is None else format(m['damp'], '.3g')} | {g[0]:.3g} | {g[1]:.3g} | {f[0]:.3g} | {f[1]:.3g} | "
+                        f"{100 * m['fixable_share_removed']:.1f} | {m.get('scale_min', 1):.2f}..{m.get('scale_max', 1):.2f} |")
+    return rows
+
+
+def ablation_table(records: list[dict], args) -> str:
+    """Perplexity per run, then each COMP run's per-layer mask-tuning errors (held-out batches)."""
+    lines = [f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
+             f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows.\n",
+             "| run | ratio | achieved | WikiText-2 ppl | options |", "|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
+        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | "
+                     f"`{json.dumps(r.get('options', {}))}` |")
+    for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
+        rows = _mask_rows(r)
+        if rows:
+            lines += [f"\n### {r['name']} @ {r['ratio']}: mask tuning per layer (errors on held-out calibration "
+                      "batches: global = vs the dense model's output, fixable = vs the dense module on the same "
+                      "pruned inputs; share = fixable error removed)\n",
+                      "| layer | site | accepted | damp | global before | global after | fixable before | "
+                      "fixable after | share % | scales |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -220,6 +273,10 @@ def summarise(args) -> None:
     if args.no_eval:
         atomic.write_json(RESULTS / "memory.json", {"settings": vars(args), "runs": records})
         atomic.write_text(RESULTS / "memory.md", memory_table(records, args))
+        return
+    if args.ppl_only:
+        atomic.write_json(RESULTS / "ablation.json", {"settings": vars(args), "runs": records})
+        atomic.write_text(RESULTS / "ablation.md", ablation_table(records, args))
         return
     if args.speed_only:
         atomic.write_json(RESULTS / "speed.json", {"settings": vars(args), "runs": records})
@@ -262,6 +319,8 @@ def main() -> None:
     ap.add_argument("--no-eval", action="store_true", help="prune only (for the memory comparison)")
     ap.add_argument("--speed-only", action="store_true",
                     help="prune, then measure prefill/decode speed against the dense model (no evaluation)")
+    ap.add_argument("--ppl-only", action="store_true",
+                    help="prune, then WikiText-2 perplexity only (no zero-shot, no speed); for ablations")
     ap.add_argument("--results-dir", default=None, help="where runs and tables go (default: results/)")
     args = ap.parse_args()
     global RESULTS

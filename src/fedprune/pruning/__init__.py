@@ -117,7 +117,10 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
         from ..models import save_model
 
         save_model(model, output, tokenizer=tokenizer, overwrite=overwrite,
-                   extra={"pruning": {k: v for k, v in result.summary().items() if k != "report"},
+                   extra={"pruning": {**{k: v for k, v in result.summary().items() if k != "report"},
+                                      # per-layer units kept and mask-tuning errors (COMP), when reported
+                                      **({"layer_report": report["layers"]} if isinstance(report, dict)
+                                         and "layers" in report else {})},
                           "calibration": {"corpus": calibration,
                                           "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
                                           "seed": seed}, "options": {k: str(v) for k, v in options.items()}})

@@ -125,7 +125,8 @@ def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torc
 
 MASK_TARGETS = ("global", "local")
 MASK_DAMP_GRID = (1e-3, 1e-2, 1e-1, 1.0)
-"""Relative dampings tried by ``mask_damp="heldout"``."""
+"""Relative dampings tried by ``mask_damp="heldout"`` (and infinite damping: no tuning, chosen when every
+fit raises the error on the held-out batches)."""
 
 
 def held_out_batch(b: int, num_batches: int) -> bool:
@@ -160,15 +161,21 @@ def _mask_tune(adapter: DecoderAdapter, kept_pos: int, site: str, fit_acc: GramA
     if damp == "heldout":
         if has_held:
             S_fit, S_held = fit_acc.system(fitted, keep), held_acc.system(fitted, keep)
-            grid = {}
+            grid = {float("inf"): system_error(S_held, torch.ones(len(keep), dtype=torch.float64))}  # no tuning
             for d in MASK_DAMP_GRID:
                 f = fit_scales(S_fit, d, **kw)
-                grid[d] = system_error(S_held, f.scales, f.bias)
+                grid[d] = system_error(S_held, f.scales, f.bias) if f.accepted else grid[float("inf")]
             damp = min(grid, key=grid.get)
         else:
             damp = opts.damp
-    sol = fit_scales(all_acc.system(fitted, keep), float(damp), **kw)
-    rec: dict[str, Any] = {"accepted": sol.accepted, "reason": sol.reason, "target": fitted, "damp": sol.damp,
+    if damp == float("inf"):  # held-out batches say: any tuning makes this layer worse
+        ones = torch.ones(len(keep), dtype=torch.float64)
+        e0 = system_error(all_acc.system(fitted, keep), ones)
+        sol = MaskFit(ones, None, False, "no gain on held-out batches", damp, e0, e0)
+    else:
+        sol = fit_scales(all_acc.system(fitted, keep), float(damp), **kw)
+    rec: dict[str, Any] = {"accepted": sol.accepted, "reason": sol.reason, "target": fitted,
+                           "damp": sol.damp if sol.damp != float("inf") else None,
                            "err_before": sol.error_before, "err_after": sol.error_after,
                            "in_sample": _errors({"global": all_acc.system("global", keep),
                                                  "fixable": all_acc.system("local", keep)}, sol)}
@@ -177,7 +184,7 @@ def _mask_tune(adapter: DecoderAdapter, kept_pos: int, site: str, fit_acc: GramA
     if sol.accepted:
         rec["scale_min"], rec["scale_max"] = float(sol.scales.min()), float(sol.scales.max())
     if has_held:
-        hsol = fit_scales(fit_acc.system(fitted, keep), sol.damp, **kw)
+        hsol = sol if not sol.accepted else fit_scales(fit_acc.system(fitted, keep), sol.damp, **kw)
         rec["held_out"] = _errors({"global": held_acc.system("global", keep),
                                    "fixable": held_acc.system("local", keep)}, hsol)
     ref = rec.get("held_out", rec["in_sample"])["fixable"]
