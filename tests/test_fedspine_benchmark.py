@@ -1,0 +1,46 @@
+"""The FedSpine benchmark's summary maths: time to target on the deployed models, speedups per
+seed, the loss gain at equal sparsity with its 95 % t-interval, the compute share."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("fedspine_bench", ROOT / "benchmarks/fedspine/run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "OUT", tmp_path)
+    return mod
+
+
+def _write(bench, method, seed, losses, times, share=0.8):
+    curve = [{"round": i, "deployed_loss": l, "sim_time_s": t, "compute_share": {"all": share}}
+             for i, (l, t) in enumerate(zip(losses, times))]
+    p = bench.result_path("compute", method, seed, 1.0)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"method": method, "seed": seed, "speed_scale": 1.0, "curve": curve}))
+
+
+def test_summary_by_hand(bench):
+    assert bench.time_to([{"deployed_loss": 3.0, "sim_time_s": 0}, {"deployed_loss": 2.4, "sim_time_s": 7}], 2.5) == 7
+    assert bench.time_to([{"deployed_loss": 3.0, "sim_time_s": 0}], 2.5) is None
+    for seed, (spine_t, gain) in enumerate(((10, 0.1), (20, 0.3))):
+        # base 3.0, best final 2.0 -> target 2.5; FedSpine reaches it at spine_t, FedIT at 40, fedmp at 30
+        _write(bench, "fedspine", seed, [3.0, 2.4, 2.0], [0, spine_t, 50])
+        _write(bench, "fedit", seed, [3.0, 2.8, 2.45], [0, 20, 40], share=0.4)
+        _write(bench, "fedmp", seed, [3.0, 2.45, 2.0 + gain], [0, 30, 60])
+    s = bench.summarise("compute")
+    assert s["seeds"] == [0, 1]
+    assert s["speedup_per_seed"] == {0: pytest.approx(3.0), 1: pytest.approx(1.5)}
+    assert s["speedup_vs_best_baseline"] == pytest.approx(2.25)
+    g = s["accuracy_gain_at_equal_sparsity"]
+    # mean 0.2, sd 0.1414, t(0.975, 1) = 12.706: half-width 12.706 x 0.1414 / sqrt 2 = 1.2706
+    assert g["mean"] == pytest.approx(0.2) and g["high"] - g["mean"] == pytest.approx(1.2706, rel=1e-3)
+    assert s["compute_share"] == {"fedspine": pytest.approx(0.8), "fedit": pytest.approx(0.4),
+                                  "fedmp": pytest.approx(0.8)}
+    assert s["reference_params"] == 6.74e9
