@@ -290,8 +290,11 @@ def main(argv=None) -> int:
             out = {"method": methods[0], "regime": args.regime, "rounds": len(rounds), "cpu_s": cpu, "wall_s": wall,
                    "mean_round_wall_s": per_round, "peak_rss_mb": peak_rss_bytes() / 2**20, "cost_scale": e["cost_scale"],
                    "curve": e["curve"],
-                   "estimate_full_cpu_h": per_round * s["rounds"] * len(METHODS) * 2 / 3600,
-                   "estimate_note": "mean round wall time x rounds x methods x 2 regimes, one seed, one thread"}
+                   "cpu_s_per_round": cpu / len(rounds),
+                   "estimate_full_cpu_h": cpu / len(rounds) * s["rounds"] * len(METHODS) * 2 / 3600,
+                   "estimate_note": "CPU seconds per pilot round (model loading included) x rounds x methods x "
+                                    "2 regimes, one seed, one thread; dense methods skip the per-device "
+                                    "evaluation and pruning, so this is an upper bound"}
             OUT.mkdir(parents=True, exist_ok=True)
             from fedprune import atomic
 
