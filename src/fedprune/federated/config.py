@@ -110,6 +110,10 @@ class FederationSettings:
     trim_ratio: float = 0.1
     """trimmed_mean: fraction of clients dropped at each end, per entry, in [0, 0.5)"""
     seed: int = 0
+    reference_params: float = 0.0
+    """parameter count of the modelled deployment (e.g. 6.74e9 for a LLaMA-2-7B-class model): each
+    round's FLOPs and LoRA bytes are rescaled to a model of that size and shape while the learning
+    dynamics stay those of the model trained; 0 = the trained model's own size (federated.cost)"""
     options: dict[str, Any] = field(default_factory=dict)
     """the strategy's options, checked against its ``Options`` dataclass (fedspine: chooser, interval, ...)"""
 
@@ -121,14 +125,11 @@ class FederationSettings:
         require_int("federation.rounds", self.rounds, 1)
         require_int("federation.clients_per_round", self.clients_per_round, 1)
         require_int("federation.seed", self.seed, 0)
+        require_number("federation.reference_params", self.reference_params, 0.0)
         for i, r in enumerate(self.ranks):
             require_int(f"federation.ranks[{i}]", r, 1)
         # checked against the strategy's Options dataclass here, before any model is loaded: an unknown
         # option is refused by name, a value of the wrong type or range names the option; the given
-    reference_params: float = 0.0
-    """parameter count of the modelled deployment (e.g. 6.74e9 for a LLaMA-2-7B-class model): each
-    round's FLOPs and LoRA bytes are rescaled to a model of that size and shape while the learning
-    dynamics stay those of the model trained; 0 = the trained model's own size (federated.cost)"""
         # keys are kept (coerced), so the resolved config says what was set
         given = dict(self.options or {})
         checked = strategy_options(self.strategy, given)
@@ -140,7 +141,6 @@ class FederationSettings:
         require_number("federation.max_update_norm", self.max_update_norm, 0.0, low_open=True)
         if self.max_weight_ratio != 0 and self.max_weight_ratio < 1:
             raise ValueError(f"federation.max_weight_ratio must be 0 (off) or >= 1, got {self.max_weight_ratio}")
-        require_number("federation.reference_params", self.reference_params, 0.0)
         if self.clip_norm_ratio < 0 or self.clip_norm < 0:
             raise ValueError(f"federation.clip_norm_ratio and clip_norm must be >= 0 (0 = off), got "
                              f"{self.clip_norm_ratio} and {self.clip_norm}")

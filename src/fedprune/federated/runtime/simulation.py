@@ -83,12 +83,13 @@ class Simulation:
         if model is None or tokenizer is None:
             model, tokenizer = load_base(cfg)
         self.tokenizer = tokenizer
+        own_params = sum(p.numel() for p in model.parameters())  # before LoRA is attached
         self.base = SharedBaseModel(model, cfg.lora)
         fed = cfg.federation
-        self.seed = fed.seed
         # the modelled deployment's size: factors on every round's FLOPs and bytes (1 = own size)
         self.cost_scale = cost_scale(fed.reference_params, own_params, self.base.shapes.values(),
                                      cfg.lora.target_modules)
+        self.seed = fed.seed
         self.partitions = client_partitions(cfg.data, fed.seed)
         self.fleet = parse_fleet(fed.fleet)[: cfg.data.num_clients]
         self.clients = [ClientInfo(c, len(p), self.fleet[c].memory_bytes) for c, p in enumerate(self.partitions)]
