@@ -45,12 +45,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_metric_top_eig_energy": ("comp", {"neuron_metric": "top_eig_energy"}),
     "comp_metric_cond_greedy": ("comp", {"neuron_metric": "cond_greedy"}),
     # mask-tuning variants (mask_tuning.py): target, joint bias, damping fallback / held-out damping
+    "comp_mask_global": ("comp", {"mask_target": "global"}),  # the default before the local target
     "comp_mask_local": ("comp", {"mask_target": "local"}),
-    "comp_mask_global_bias": ("comp", {"mask_bias": True}),
+    "comp_mask_global_bias": ("comp", {"mask_target": "global", "mask_bias": True}),
     "comp_mask_local_bias": ("comp", {"mask_target": "local", "mask_bias": True}),
     "comp_mask_local_bias_heldout": ("comp", {"mask_target": "local", "mask_bias": True, "mask_damp": "heldout",
                                               "mask_fallback": "retry"}),
     "comp_mask_retry": ("comp", {"mask_fallback": "retry"}),
+    "comp_with_heads_mask_global": ("comp", {"head_sparsity": None, "mask_target": "global"}),
     "comp_with_heads_no_mask_tuning": ("comp", {"head_sparsity": None, "mask_tuning": False}),
     "comp_with_heads_local_bias": ("comp", {"head_sparsity": None, "mask_target": "local", "mask_bias": True}),
     **{p: (p, {}) for p in PEERS},
