@@ -400,3 +400,16 @@ def test_local_target_before_error_is_the_removed_units_contribution():
 
     removed = h[:, [3, 5, 7]] @ W[:, [3, 5, 7]].T
     assert system_error(S, torch.ones(5, dtype=torch.float64)) == pytest.approx(float((removed ** 2).sum()), rel=1e-10)
+
+
+def test_mask_options_from_text_and_bad_values_are_named():
+    from fedprune.pruning import method_options
+
+    o = method_options("comp", {"mask_damp": "0.1", "mask_bias": "true", "mask_target": "global",
+                                "mask_fallback": "retry"})
+    assert (o.mask_damp, o.mask_bias, o.mask_target, o.mask_fallback) == (0.1, True, "global", "retry")
+    assert method_options("comp", {"mask_damp": "heldout"}).mask_damp == "heldout"
+    for bad, msg in (({"mask_damp": "nope"}, "mask_damp must be"), ({"mask_target": "x"}, "mask_target must be"),
+                     ({"mask_fallback": "x"}, "mask_fallback must be")):
+        with pytest.raises(ValueError, match=msg):
+            method_options("comp", bad)

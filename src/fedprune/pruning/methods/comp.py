@@ -107,6 +107,11 @@ class CompOptions:
             raise ValueError(f"mask_target must be one of {MASK_TARGETS}, got {self.mask_target!r}")
         if self.mask_fallback not in ("reject", "retry"):
             raise ValueError(f"mask_fallback must be 'reject' or 'retry', got {self.mask_fallback!r}")
+        if isinstance(self.mask_damp, str) and self.mask_damp != "heldout":
+            try:  # from the command line every value is text
+                self.mask_damp = float(self.mask_damp)
+            except ValueError:
+                raise ValueError(f"mask_damp must be a number >= 0 or 'heldout', got {self.mask_damp!r}") from None
         if self.mask_damp is not None and self.mask_damp != "heldout":
             require_number("mask_damp", self.mask_damp, 0.0)
         if self.offload not in OFFLOAD_MODES:
