@@ -58,7 +58,7 @@ class CompOptions:
     """What mask tuning fits (``mask_tuning``): ``local`` (default) the dense module's output on the same pruned
     inputs (the error this layer's pruning made), ``global`` the dense model's layer output (adds the drift
     inherited from earlier pruned layers). On SmolLM2-135M at 20 % the global fit *raised* the layer's own
-    error on held-out calibration batches in 26 of 29 layers (scales down to -0.2); the local fit lowered it
+    error on held-out calibration batches in 27 of 29 layers (scales down to -0.2); the local fit lowered it
     in all 29; perplexity is the same within noise (benchmarks/pruning/results/masktuning)."""
     mask_bias: bool = False
     """Fit a per-output constant with the scales (folded into ``o_proj``/``down_proj``'s bias; created and
