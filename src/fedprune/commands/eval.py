@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..models.device import DTYPE_CHOICES, device_option
 from ..options import int_at_least, positive_int
 
 
@@ -29,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="zero-shot requests per forward pass")
     p.add_argument("--ppl-batch-size", type=positive_int, default=1, help="perplexity windows per forward pass")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FEDPRUNE_DATA or ../shared/data)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default="cpu", type=device_option(),
+                   help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--output", default=None,
                    help="write the results JSON here when every task is done (progress goes to OUTPUT.partial)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")

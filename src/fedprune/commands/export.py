@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..models.device import device_option
 from ..options import nonnegative_int
 
 
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: detected from the tokenizer, e.g. gpt-2, smollm)")
+    p.add_argument("--device", default="cpu", type=device_option(),
+                   help="cpu, cuda, cuda:N or auto (CUDA when available): where the LoRA merges and --verify's "
+                        "PyTorch logits are computed (the weights are written from CPU copies)")
     p.add_argument("--verify", type=nonnegative_int, default=0, metavar="N",
                    help="then compare next-token logits with llama.cpp on N tokens of WikiText-2 (needs llama-cpp-python)")
 
@@ -41,7 +45,7 @@ def run(args) -> int:
     if args.lora:
         from ..federated.merged import load_merged_run
 
-        model, tok, info = load_merged_run(args.lora)
+        model, tok, info = load_merged_run(args.lora, device=args.device)
     with output_lock(out.with_name(f".{out.name}.lock"), f"the GGUF file {out}"):
         report = export_gguf(model if model is not None else args.model, args.output, args.outtype, tokenizer=tok,
                              tokenizer_pre=args.tokenizer_pre)
@@ -54,7 +58,7 @@ def run(args) -> int:
         from ..evaluate.speed import prompt_ids
 
         if model is None:
-            model, tok = load_model(args.model), load_tokenizer(args.model)
+            model, tok = load_model(args.model, device=args.device), load_tokenizer(args.model)
         ids = prompt_ids(model, tok, args.verify, 1)[0].tolist()
         check = verify_gguf(model, args.output, ids, tokenizer=tok, text=tok.decode(ids))
         print(json.dumps(check, indent=2))

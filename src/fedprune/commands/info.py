@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..models.device import DTYPE_CHOICES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="known name, HF directory, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
 
 
 def model_info(model) -> dict:

@@ -5,6 +5,7 @@ import argparse
 
 import json
 
+from ..models.device import DTYPE_CHOICES, device_option
 from ..options import fraction_or_auto, int_at_least, nonnegative_int, positive_int, require_number
 
 
@@ -47,7 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration sample (2 .. the model's context)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--data-dir", default=None, help="benchmark data directory (default: $FEDPRUNE_DATA or ../shared/data)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                   help="weights' dtype (statistics accumulate in float32 or float64 whatever it is)")
+    p.add_argument("--device", default="cpu", type=device_option(),
+                   help="cpu, cuda, cuda:N or auto (CUDA when available): where the model prunes")
     p.add_argument("--layer-fraction", type=fraction_or_auto, default=None,
                    help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
     p.add_argument("--neuron-metric", default=None, metavar="{" + ",".join(NEURON_CRITERIA.names()) + "}",
@@ -119,7 +123,7 @@ def run(args) -> int:
     check_before_loading(args)  # options, corpus and --seq-len: before loading anything
     check_model_output(args.output, args.overwrite)  # before loading anything
     with model_output_lock(args.output):  # a second prune into the same output fails now, naming this one
-        model = load_model(args.model, dtype=args.dtype)
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
         tok = load_tokenizer(args.model)
         res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration,
                     nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir,

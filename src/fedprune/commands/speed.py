@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..models.device import DTYPE_CHOICES, device_option
 from ..options import positive_int
 
 
@@ -14,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="sequences per step")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs (the median is reported) after one warm-up")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default="cpu", type=device_option(),
+                   help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--output", default=None, help="write the results JSON here (atomically)")
 
 

@@ -29,10 +29,10 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    def __init__(self, spec: str | os.PathLike, dtype: str = "float32"):
+    def __init__(self, spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
         from .. import load_model, load_tokenizer
 
-        self.model = load_model(spec, dtype=dtype)
+        self.model = load_model(spec, dtype=dtype, device=device)
         self.tokenizer = load_tokenizer(spec)
 
     def _generate(self, input_ids, max_new_tokens, temperature, on_text) -> str:
@@ -54,6 +54,7 @@ class TorchBackend:
             kw["temperature"] = temperature
         else:  # greedy: silence the sampling defaults a generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
+        input_ids = input_ids.to(self.model.device)
         with torch.no_grad():
             self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
         return "".join(pieces)
@@ -98,8 +99,14 @@ class LlamaCppBackend:
         return self._stream(chunks, "delta", on_text)
 
 
-def open_backend(spec: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None) -> Backend:
-    """llama.cpp for a ``.gguf`` file, PyTorch otherwise."""
+def open_backend(spec: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 device: str = "cpu", dtype: str = "float32") -> Backend:
+    """llama.cpp for a ``.gguf`` file, PyTorch otherwise (in ``dtype`` on ``device``).
+
+    ``device`` cuda is refused for a ``.gguf`` file: the llama.cpp build used here runs on the CPU."""
     if str(spec).endswith(".gguf"):
+        if str(device).lower().startswith("cuda"):
+            raise ValueError(f"--device {device}: a .gguf file runs on llama.cpp on the CPU; give a PyTorch "
+                             "model directory to generate on CUDA")
         return LlamaCppBackend(spec, n_ctx=n_ctx, n_threads=n_threads)
-    return TorchBackend(spec)
+    return TorchBackend(spec, dtype=dtype, device=device)

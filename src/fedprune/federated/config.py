@@ -27,10 +27,19 @@ class ModelSettings:
     tokenizer: str = "smollm2-135m"
     """tokenizer spec for fedprune.load_tokenizer, or 'tiny-bpe' (a 320-token BPE, for tests)"""
     dtype: str = "float32"
+    """float32, bfloat16 or float16: the frozen base weights' dtype"""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (CUDA when available): where the base model and its training run"""
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        from ..models.device import DTYPE_CHOICES, DEVICE_CHOICES, parse_device_spec
+
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        try:
+            parse_device_spec(self.device)
+        except ValueError:
+            raise ValueError(f"model.device must be {DEVICE_CHOICES}, got {self.device!r}") from None
 
 
 @dataclass

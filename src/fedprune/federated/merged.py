@@ -68,10 +68,13 @@ def load_merged_run(run_dir: str | os.PathLike, dtype: str = "float32", device: 
 
     cfg = stored_config(Path(run_dir))
     cfg.model.dtype = dtype
+    cfg.model.device = "cpu"  # merged on the CPU (where the stored delta is), then moved to ``device``
     model, tokenizer = load_base(cfg)
     delta, info = run_global_delta(run_dir, model.config)
     apply_delta(model, delta)
-    model.to(device)
+    from ..models.device import resolve_device
+
+    model.to(resolve_device(device))
     model.eval()
     model._fedprune_spec = f"{cfg.model.name}+lora:{run_dir}"
     return model, tokenizer, info

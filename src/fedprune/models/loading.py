@@ -222,11 +222,15 @@ def _hub_error(spec: str, exc: Exception) -> RuntimeError:
 
 def load_model(spec: str | os.PathLike = "smollm2-135m", dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu"):
-    """Load a causal LM from ``spec`` (see module docstring), ready for inference (``eval()``)."""
+    """Load a causal LM from ``spec`` (see module docstring), ready for inference (``eval()``),
+    in ``dtype`` (float32, bfloat16 or float16) on ``device`` (cpu, cuda, cuda:N or auto; see
+    ``fedprune.models.device.resolve_device``, checked before any weights load)."""
     from ..adapters import get_adapter
     from .checkpoint import PLAN_FILE, load_checkpoint
+    from .device import resolve_device
 
     torch_dtype = parse_dtype(dtype)
+    device = resolve_device(device)
     where = resolve_model_dir(spec)
     if isinstance(where, Path) and (where / PLAN_FILE).exists():
         model = load_checkpoint(where, dtype=torch_dtype)

@@ -51,8 +51,11 @@ def peak_rss_mb() -> float:
 
 
 def load_base(cfg: FederatedConfig):
-    """(model, tokenizer) for ``cfg.model`` ('tiny-llama' builds a tiny random LLaMA)."""
+    """(model, tokenizer) for ``cfg.model`` ('tiny-llama' builds a tiny random LLaMA), in
+    ``model.dtype`` on ``model.device`` (``auto``: CUDA when available)."""
     from ... import load_model, load_tokenizer
+    from ...models.device import resolve_device
+    from ...models.loading import parse_dtype
 
     if cfg.model.tokenizer == "tiny-bpe":
         from ..tiny_tokenizer import tiny_bpe_tokenizer
@@ -64,8 +67,10 @@ def load_base(cfg: FederatedConfig):
         from ...models.tiny import tiny_model
 
         model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=max(256, cfg.train.seq_len))
+        model.to(device=resolve_device(cfg.model.device, "model.device"), dtype=parse_dtype(cfg.model.dtype))
     else:
-        model = load_model(cfg.model.name, dtype=cfg.model.dtype)
+        model = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                           device=resolve_device(cfg.model.device, "model.device"))
     return model, tok
 
 
