@@ -7,7 +7,7 @@ centred over the rows:
 
 in [0, 1]; 1 for identical representations; invariant to orthogonal transforms and
 isotropic scaling of either side; 0 when the (centred) column spaces are orthogonal.
-Computed in float64.
+Computed in float64 whatever the dtype of the layer outputs (bfloat16 and float16 included).
 """
 from __future__ import annotations
 

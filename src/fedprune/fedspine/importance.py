@@ -23,6 +23,10 @@ Each module's element importance is first divided by its mean (``normalise_modul
 q/k/v/o (and gate/up/down) have an equal say in a unit's score. A module without LoRA contributes nothing (its gradient is unknown under LoRA-only
 training). Scores are smoothed over iterations by ``ImportanceEMA``:
 ``S <- 0.9 S + 0.1 S_new`` (the first observation initialises ``S``).
+
+Every score is computed and accumulated in float32 (on the weights' device) whatever the
+base model's dtype: a bfloat16 or float16 model's saliencies would otherwise be summed over
+thousands of elements in 8 or 11 bits of mantissa.
 """
 from __future__ import annotations
 
@@ -59,12 +63,13 @@ def head_importance(imp_q: torch.Tensor | None, imp_k: torch.Tensor | None, imp_
     g = num_heads // num_kv_heads
     if g * num_kv_heads != num_heads:
         raise ValueError(f"{num_heads} heads are not divisible into {num_kv_heads} KV groups")
-    per_q = torch.zeros(num_heads)
+    dev = next((m.device for m in (imp_q, imp_k, imp_v, imp_o) if m is not None), None)
+    per_q = torch.zeros(num_heads, dtype=torch.float32, device=dev)
     if imp_q is not None:
         per_q += imp_q.reshape(num_heads, head_dim, -1).sum(dim=(1, 2))
     if imp_o is not None:
         per_q += imp_o.reshape(imp_o.shape[0], num_heads, head_dim).sum(dim=(0, 2))
-    kv = torch.zeros(num_kv_heads)
+    kv = torch.zeros(num_kv_heads, dtype=torch.float32, device=dev)
     for m in (imp_k, imp_v):
         if m is not None:
             kv += m.reshape(num_kv_heads, head_dim, -1).sum(dim=(1, 2))
@@ -75,7 +80,8 @@ def head_importance(imp_q: torch.Tensor | None, imp_k: torch.Tensor | None, imp_
 def ffn_channel_importance(imp_in: list[torch.Tensor | None], imp_out: torch.Tensor | None,
                            width: int) -> torch.Tensor:
     """Per FFN channel ``[width]``: rows of every ``imp_in`` (gate, up) + columns of ``imp_out`` (down)."""
-    s = torch.zeros(width)
+    dev = next((m.device for m in [*imp_in, imp_out] if m is not None), None)
+    s = torch.zeros(width, dtype=torch.float32, device=dev)
     for m in imp_in:
         if m is not None:
             s += m.sum(dim=1)

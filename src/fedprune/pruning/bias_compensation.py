@@ -17,4 +17,4 @@ def removed_mean_contribution(lin: torch.nn.Linear, cols: list[int], mean: torch
         return None
     W = lin.weight.detach().double()
     idx = torch.as_tensor(cols)
-    return W[:, idx] @ mean[idx]
+    return W[:, idx.to(W.device)] @ mean[idx].double().to(W.device)

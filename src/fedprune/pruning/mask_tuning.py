@@ -15,6 +15,8 @@ reproduce. With ``A = sum_t U_t U_t^T`` and ``c = sum_t U_t e_t`` the normal equ
 which never increases ``f`` over ``m = 1`` (the unpruned scales), and reject the solution
 (keep ``m = 1``) when the damped system is ill conditioned or any ``|m_i| > max_scale``.
 The scales are folded into the output projection's columns: the architecture is unchanged.
+The systems are solved in float64 (``A`` and ``c`` come from float64 accumulators,
+``pruning.stats``), whatever the model's dtype; only the folded scales take the weights' dtype.
 
 Variants (``fit_scales``; COMP's options choose, the benchmark compares them):
 

@@ -4,6 +4,11 @@ Nothing here keeps activations: each collector turns a batch into the small matr
 criteria and mask tuning need (``k x k`` Grams, ``k`` vectors and ``k x d`` mean
 contributions), then drops it.
 
+Whatever the model's dtype (float32, bfloat16, float16) and device, every sum is formed in
+float64 where the activations are (a CUDA model computes its products on the GPU) and kept on
+the CPU: the criteria and the least-squares solves of mask tuning then run in float64 on
+the CPU, identical for every dtype of the weights.
+
 Mask tuning may fit one of several *targets* ``e_t`` (``mask_tuning``): the accumulator keeps
 ``c = sum_t U_t e_t``, ``sum_t ||e_t||^2`` and ``sum_t e_t`` for each named target, so the error
 of one fitted solution can be reported against every target (e.g. the fitted one and the
@@ -52,17 +57,17 @@ class GramAccumulator:
         return e
 
     def _add_target(self, name: str, e: torch.Tensor, ce: torch.Tensor) -> None:
-        self.c[name] += ce
+        self.c[name] += ce.to(self.c[name].device)
         self.e2[name] += float((e * e).sum())
-        se = e.sum(0)
+        se = e.sum(0).to(self.G.device)
         self.se[name] = se if self.se[name] is None else self.se[name] + se
 
     def add_channels(self, h: torch.Tensor, W: torch.Tensor, e) -> None:
         """FFN channels. ``h``: ``[T, k]`` activations; ``W``: ``[d, k]`` output weight; ``e``: ``[T, d]``
         target (or a dict of named targets)."""
         h, Wd = h.double(), W.detach().double()
-        self.G += h.T @ h
-        self.s += h.sum(0)
+        self.G += (h.T @ h).to(self.G.device)
+        self.s += h.sum(0).to(self.s.device)
         for name, et in self._targets(e).items():
             et = et.double()
             self._add_target(name, et, ((et @ Wd) * h).sum(0))
@@ -80,9 +85,9 @@ class GramAccumulator:
         for t in range(0, T, chunk):  # U is T x H x d: bounded by chunking the tokens
             ac = a[t:t + chunk].double().reshape(-1, H, head_dim)
             U = torch.einsum("thk,dhk->thd", ac, Wh)  # each head's contribution to the output
-            self.G += torch.einsum("thd,tgd->hg", U, U)
-            self.s += U.norm(dim=-1).sum(0)
-            self.su += U.sum(0)
+            self.G += torch.einsum("thd,tgd->hg", U, U).to(self.G.device)
+            self.s += U.norm(dim=-1).sum(0).to(self.s.device)
+            self.su += U.sum(0).to(self.su.device)
             for name, et in es.items():
                 ec = et[t:t + chunk].double()
                 self._add_target(name, ec, torch.einsum("thd,td->h", U, ec))
@@ -101,7 +106,7 @@ class GramAccumulator:
         return out
 
     def unit_stats_channels(self, W: torch.Tensor) -> UnitStats:
-        W = W.detach().double()
+        W = W.detach().double().to(self.G.device)
         wtw = W.T @ W
         A = wtw * self.G
         self.A = A
