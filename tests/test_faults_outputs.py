@@ -378,6 +378,21 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(run, 
     assert tree(run) == before
 
 
+def test_a_run_from_before_a_new_setting_existed_resumes(run):
+    """A later fedprune adds config fields: an older run (its config.yaml and checkpoint without
+    them) still resumes, the new fields taking their defaults."""
+    from fedprune.federated.runtime.run_state import load_plain, torch_bytes
+
+    state = load_plain((run / "checkpoint.pt").read_bytes(), "checkpoint")
+    del state["config"]["federation"]["clip_norm"]
+    atomic.write_bytes(run / "checkpoint.pt", torch_bytes(state))
+    text = (run / "config.yaml").read_text()
+    assert "clip_norm: 0" in text
+    atomic.write_text(run / "config.yaml", text.replace("  clip_norm: 0.0\n", "").replace("  clip_norm: 0\n", ""))
+    assert "clip_norm:" not in (run / "config.yaml").read_text()
+    assert main(["federate", "--resume", str(run), "federation.rounds=3"]) == 0
+
+
 def test_torn_last_log_line_is_tolerated_and_truncated_by_resume(run):
     torn = '{"round": 3, "test_lo'
     with open(run / "metrics.jsonl", "a") as fh:

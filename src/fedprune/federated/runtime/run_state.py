@@ -100,7 +100,9 @@ def check_resume(run_dir: str | Path, cfg: FederatedConfig) -> tuple[dict, dict[
         raise ValueError(f"{path} is from strategy {state.get('strategy')!r} but {run_dir / CONFIG_FILE} says "
                          f"{stored.federation.strategy!r}: the directory was written by two runs; it cannot be resumed")
     if isinstance(state.get("config"), dict):
-        differ = [k for k in config_changes(state["config"], stored.to_dict()) if not _changeable(k)]
+        # settings a later fedprune added are absent from an older checkpoint and take their defaults
+        then, now = flat_config(state["config"]), flat_config(stored.to_dict())
+        differ = sorted(k for k in then.keys() & now.keys() if then[k] != now[k] and not _changeable(k))
         if differ:
             raise ValueError(f"{path} was written with other settings than {run_dir / CONFIG_FILE} says "
                              f"({', '.join(differ)}): the directory was written by two runs; it cannot be resumed")
