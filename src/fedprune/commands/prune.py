@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pruning method (listed with their options below; default comp)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 1)")
     p.add_argument("--calibration", default="c4", help="calibration corpus (c4, wikitext2, ...)")
-    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int_at_least(2), default=512,
-                   help="tokens per calibration sample (2 .. the model's context)")
+    p.add_argument("--nsamples", type=positive_int, default=None,
+                   help="calibration samples (default: the method's -o preset's, else 128)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None,
+                   help="tokens per calibration sample (2 .. the model's context; default: the preset's, else 512)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--data-dir", default=None, help="benchmark data directory (default: $FEDPRUNE_DATA or ../shared/data)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
@@ -103,7 +104,9 @@ def check_before_loading(args) -> dict:
 
     require_number("--ratio", args.ratio, 0.0, 1.0, low_open=True, high_open=True)
     opts = options_from_args(args)
-    method_options(args.method, opts)
+    from ..pruning.methods import calibration_sizes
+
+    args.nsamples, args.seq_len = calibration_sizes(method_options(args.method, opts), args.nsamples, args.seq_len)
     check_data_dir(args.data_dir)
     corpus = calibration_corpus(args.calibration, args.data_dir)
     if corpus.startswith("text:"):

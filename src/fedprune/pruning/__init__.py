@@ -20,7 +20,7 @@ from ..adapters import get_adapter
 from ..memory_usage import peak_rss_bytes
 from .activations import release_free_memory
 from .budget import check_ratio
-from .methods import METHODS
+from .methods import METHODS, calibration_sizes
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ def get_calibration(tokenizer, corpus: str, nsamples: int, seq_len: int, seed: i
 
 
 def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, calibration: str = "c4",
-          nsamples: int = 128, seq_len: int = 512, seed: int = 0, calib_ids: torch.Tensor | None = None,
+          nsamples: int | None = None, seq_len: int | None = None, seed: int = 0, calib_ids: torch.Tensor | None = None,
           data_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
           overwrite: bool = False, **options) -> PruneResult:
     """Prune ``model`` in place with ``method`` to remove ``ratio`` of its parameters.
 
     Calibration: ``calib_ids`` (``[N, L]`` token ids) if given, else ``nsamples`` windows of
-    ``seq_len`` tokens drawn with ``seed`` from ``calibration`` (needs ``tokenizer``).
+    ``seq_len`` tokens drawn with ``seed`` from ``calibration`` (needs ``tokenizer``); left
+    ``None``, they are the method's preset's (``preset="official"``) or else 128 and 512.
     ``options`` go to the method (e.g. ``layer_fraction=0.25, neuron_metric="rescale_obs"`` for COMP).
     If ``output`` is given, the pruned model (and tokenizer) is saved there with its plan; the
     output is checked (and locked against a concurrent writer) before any pruning, and what is
@@ -92,6 +93,7 @@ def prune(model, method: str = "comp", ratio: float = 0.2, *, tokenizer=None, ca
 def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, seed, calib_ids, data_dir,
            output, overwrite, options) -> PruneResult:
     opts = method_options(method, options)
+    nsamples, seq_len = calibration_sizes(opts, nsamples, seq_len)
     adapter = get_adapter(model)
     if calib_ids is None:
         from ..models.loading import check_context

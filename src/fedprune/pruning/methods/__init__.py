@@ -18,8 +18,9 @@ from .flap import FlapOptions, prune_flap
 from .llm_pruner import LlmPrunerOptions, prune_llm_pruner
 from .magnitude import MagnitudeOptions, prune_magnitude
 from .shortgpt import prune_shortgpt
-from .sleb import prune_sleb
-from .wanda_sp import BatchOptions, prune_wanda_sp
+from .presets import PRESETS, calibration_sizes
+from .sleb import SlebOptions, prune_sleb
+from .wanda_sp import BatchOptions, WandaSpOptions, prune_wanda_sp
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ BUILTIN = (
                   "mask tuning"),
     PruningMethod("magnitude", prune_magnitude, MagnitudeOptions,
                   "heads + FFN channels by weight norm, uniform per layer, no calibration"),
-    PruningMethod("wanda_sp", prune_wanda_sp, BatchOptions,
+    PruningMethod("wanda_sp", prune_wanda_sp, WandaSpOptions,
                   "Wanda-sp: |W| x activation norm on output-projection columns, uniform per layer"),
     PruningMethod("flap", prune_flap, FlapOptions,
                   "FLAP: fluctuation metric, global adaptive structure, bias compensation"),
@@ -56,7 +57,7 @@ BUILTIN = (
                   "LLM-Pruner: first-order Taylor importance of coupled groups (needs gradients)"),
     PruningMethod("shortgpt", prune_shortgpt, BatchOptions,
                   "ShortGPT: remove the layers with the lowest Block Influence", whole_layers=True),
-    PruningMethod("sleb", prune_sleb, BatchOptions,
+    PruningMethod("sleb", prune_sleb, SlebOptions,
                   "SLEB: remove layers one by one, each raising calibration NLL least", whole_layers=True),
 )
 
@@ -65,4 +66,4 @@ for _method in BUILTIN:
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "PruningMethod", "BUILTIN", "CompOptions", "MagnitudeOptions", "BatchOptions", "FlapOptions",
-           "LlmPrunerOptions"]
+           "LlmPrunerOptions", "WandaSpOptions", "SlebOptions", "PRESETS", "calibration_sizes"]

@@ -7,11 +7,20 @@ over their columns) are standardised per layer and unit type (z-score) and remov
 contribution ``B = W[:, removed] mean(X_removed)`` is added to the output bias (this adds
 biases to LLaMA's ``o_proj``/``down_proj``, an architecture change the plan records so the
 checkpoint reloads).
+
+Presets (``-o preset=``, :mod:`.presets`): ``project`` standardises the scores per layer and
+unit type, so every layer's units compete on their own layer's scale; ``official`` follows the
+FLAP repository's AL-AM structure: each unit type's scores are standardised over *all* layers
+together (one mean and deviation for every head of the model, one for every channel), then one
+global threshold, so a layer whose units all score low loses more; 1024 windows of 128 tokens.
+Both use the WIFV fluctuation metric and bias compensation; heads go in the GQA slots below
+(the official code, written for multi-head LLaMA, removes single heads; with group size 1 the
+two coincide), and costs are exact parameter counts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +30,7 @@ from ..budget import LayerTarget, channel_cost, check_ratio, kv_head_cost, query
 from ..criteria.units import activation_moments, fluctuation_scores
 from ..selection import choose_heads
 from .common import zscore
+from .presets import check_preset
 from .wanda_sp import BatchOptions
 
 
@@ -30,22 +40,43 @@ class FlapOptions(BatchOptions):
 
     bias_compensation: bool = True
     """add the removed columns' mean contribution to the output bias"""
+    preset: str = "project"
+    """'project' (scores standardised per layer) or 'official' (FLAP repository's AL-AM: standardised over all
+    layers per unit type, one global threshold, 1024 x 128 calibration)"""
+
+    OFFICIAL_CALIBRATION: ClassVar[dict[str, int]] = {"nsamples": 1024, "seq_len": 128}
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_preset(self.preset)
 
 
-def _candidate_units(adapter: DecoderAdapter, scores: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
-    """``(standardised score, cost, layer, kind, index)`` of every removable unit, weakest first.
+def standardised(scores: list[tuple[torch.Tensor, torch.Tensor]], across_layers: bool
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(heads, channels)`` z-scores per layer: each layer on its own scale, or (``across_layers``)
+    each unit type on the scale of all layers' units of that type (FLAP's AL-AM)."""
+    if not across_layers:
+        return [(zscore(hs), zscore(cs)) for hs, cs in scores]
+    out = []
+    for kind in (0, 1):
+        flat = zscore(torch.cat([s[kind] for s in scores]))
+        out.append(torch.split(flat, [len(s[kind]) for s in scores]))
+    return list(zip(*out))
+
+
+def _candidate_units(adapter: DecoderAdapter, zscores: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+    """``(standardised score, cost, layer, kind, index)`` of every removable unit, weakest first
+    (``zscores``: per layer ``(heads, channels)`` from :func:`standardised`).
 
     Heads go in GQA "slots": the k-th weakest head of every KV group, removed together and in order.
     """
     units = []
     for i, layer in enumerate(adapter.layers):
-        hs, cs = scores[i]
-        zc = zscore(cs)
+        zh, zc = zscores[i]
         ccost = channel_cost(adapter, layer)
-        for j in range(len(cs)):
+        for j in range(len(zc)):
             units.append((float(zc[j]), ccost, i, "chan", j))
         g, n_kv = adapter.group_size(layer), adapter.num_kv_heads(layer)
-        zh = zscore(hs)
         if g > 1:
             slot_scores = zh.reshape(n_kv, g).sort(dim=1).values  # [n_kv, g] ascending within a group
             for k in range(g - 1):
@@ -91,7 +122,8 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
     mom = activation_moments(adapter, ids, opts.batch_size)
     hd = adapter.head_dim
     scores = [fluctuation_scores(adapter, layer, mom[i]) for i, layer in enumerate(adapter.layers)]
-    targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, scores),
+    zscores = standardised(scores, across_layers=opts.preset == "official")
+    targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, zscores),
                                           ratio * adapter.num_parameters())
     report = []
     for i in range(adapter.num_layers):
@@ -115,4 +147,4 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
             if delta is not None:
                 adapter.add_output_bias(i, site, delta)
         report.append({"layer": i, "heads_kept": adapter.num_heads(layer), "channels_kept": len(keep_c)})
-    return {"layers": report, "bias_compensation": opts.bias_compensation}
+    return {"layers": report, "bias_compensation": opts.bias_compensation, "preset": opts.preset}

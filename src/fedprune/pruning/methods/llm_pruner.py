@@ -1,11 +1,23 @@
 """LLM-Pruner without recovery training (Ma et al., 2023): first-order Taylor importance of
 coupled groups ``I(G) = sum_{w in G} |w * dL/dw|`` from calibration-loss gradients (a full
 backward pass: the memory overhead COMP avoids); only layers ``first_layer .. L - last_layer_offset - 1``
-are pruned, at the sparsity that meets the overall ratio."""
+are pruned.
+
+Presets (``-o preset=``, :mod:`.presets`): ``project`` prunes those layers at the sparsity that
+meets the requested share of *all* parameters (query heads per KV group and channels);
+``official`` follows the LLM-Pruner repository's block-wise ``param_first`` Taylor run without
+recovery: the ratio ``r`` is each pruned layer's own (local) ratio, every pruned layer losing
+``(kv_width - int(kv_width * (1 - r))) // head_dim`` whole KV groups (lowest summed Taylor
+score) and ``round(r * width)`` FFN channels, on 10 windows of 64 tokens. The layer range is
+the same in both (the defaults ``first_layer=4``, ``last_layer_offset=2`` are the official
+``--block_*_layer_start 4 --block_*_layer_end L-2``); since the first, last and embedding
+parameters are never pruned, the official preset's achieved ratio is below ``r`` and is
+reported as measured, never rebalanced.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -14,7 +26,8 @@ from ...options import require_int
 from ..budget import check_ratio, neuron_targets
 from ..criteria.units import taylor_scores
 from ..selection import apply_scores
-from .wanda_sp import BatchOptions
+from .presets import check_preset
+from .wanda_sp import BatchOptions, lowest_channels_kept, lowest_groups
 
 
 @dataclass
@@ -27,9 +40,15 @@ class LlmPrunerOptions(BatchOptions):
     """first layer pruned (the paper keeps the first four)"""
     last_layer_offset: int = 2
     """layers left unpruned at the end"""
+    preset: str = "project"
+    """'project' (meet the requested share of all parameters) or 'official' (LLM-Pruner repository: r as each pruned
+    layer's own ratio, whole KV groups, 10 x 64 calibration)"""
+
+    OFFICIAL_CALIBRATION: ClassVar[dict[str, int]] = {"nsamples": 10, "seq_len": 64}
 
     def __post_init__(self):
         super().__post_init__()
+        check_preset(self.preset)
         require_int("first_layer", self.first_layer, 0)
         require_int("last_layer_offset", self.last_layer_offset, 0)
 
@@ -40,6 +59,8 @@ def prune_llm_pruner(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, o
     n = adapter.num_layers
     first = min(opts.first_layer, n - 1)
     layer_ids = list(range(first, max(n - opts.last_layer_offset, first + 1)))
+    if opts.preset == "official":
+        return _prune_official(adapter, scores, layer_ids, ratio)
     targets = neuron_targets(adapter, layer_ids, int(ratio * adapter.num_parameters()))
     report = []
     for i, tgt in zip(layer_ids, targets):
@@ -47,3 +68,26 @@ def prune_llm_pruner(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, o
         report.append({"layer": i, "heads_kept": adapter.num_heads(adapter.layers[i]),
                        "channels_kept": info.get("channels_kept", adapter.intermediate_size(adapter.layers[i]))})
     return {"layers": report, "pruned_layers": layer_ids}
+
+
+def official_layer_cut(adapter: DecoderAdapter, layer, ratio: float) -> tuple[int, int]:
+    """``(KV groups, FFN channels)`` the official code removes from one layer at local ratio ``ratio``
+    (at least one group and one channel kept)."""
+    hd, n_kv, width = adapter.head_dim, adapter.num_kv_heads(layer), adapter.intermediate_size(layer)
+    kv_width = n_kv * hd
+    groups = (kv_width - int(kv_width * (1 - ratio))) // hd
+    return min(groups, n_kv - 1), min(int(round(ratio * width)), width - 1)
+
+
+def _prune_official(adapter: DecoderAdapter, scores, layer_ids: list[int], ratio: float) -> dict[str, Any]:
+    report = []
+    for i in layer_ids:
+        layer = adapter.layers[i]
+        groups, channels = official_layer_cut(adapter, layer, ratio)
+        if groups:
+            adapter.prune_heads(i, lowest_groups(scores[i][0], adapter.num_kv_heads(layer), groups))
+        if channels:
+            adapter.prune_ffn_channels(i, lowest_channels_kept(scores[i][1], channels))
+        report.append({"layer": i, "kv_groups_removed": groups, "heads_kept": adapter.num_heads(layer),
+                       "channels_kept": adapter.intermediate_size(layer)})
+    return {"layers": report, "pruned_layers": layer_ids, "preset": "official"}

@@ -1,0 +1,174 @@
+"""``-o preset=official``: each peer's official structure rule and calibration sizes.
+
+The default preset (``project``) is held unchanged by ``test_pruning_contract.py`` and the golden runs.
+"""
+import json
+import random
+
+import pytest
+import torch
+
+import fedprune
+from fedprune.adapters import get_adapter
+from fedprune.data.toy_tokenizer import toy_tokenizer
+from fedprune.models.tiny import tiny_model
+from fedprune.pruning import method_options
+from fedprune.pruning.criteria.units import activation_moments, wanda_sp_scores
+from fedprune.pruning.methods import calibration_sizes
+from fedprune.pruning.methods.flap import standardised
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PRESET_METHODS = ["wanda_sp", "flap", "llm_pruner", "sleb"]
+OFFICIAL = {"wanda_sp": (128, 128), "flap": (1024, 128), "llm_pruner": (10, 64), "sleb": (128, 2048)}
+
+
+def gqa_model(layers=8, **kw):
+    """LLaMA-like: 6 query heads in 3 KV groups (head_dim 16), FFN width 64."""
+    return tiny_model("llama", num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=3,
+                      hidden_size=96, intermediate_size=64, **kw)
+
+
+def calib(n=8, L=24, seed=0):
+    return torch.randint(3, 128, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def layer_weights(model, i):
+    return {k: v.clone() for k, v in model.model.layers[i].state_dict().items()}
+
+
+def test_wanda_sp_official_prunes_no_attention_with_three_groups_at_a_third():
+    m = gqa_model(4)
+    ad = get_adapter(m)
+    before = ad.num_parameters()
+    res = fedprune.prune(m, "wanda_sp", 0.33, calib_ids=calib(), preset="official")
+    for layer in ad.layers:  # int(0.33 * 3) = 0 KV groups; int(0.33 * 64) = 21 channels
+        assert (ad.num_heads(layer), ad.num_kv_heads(layer), ad.intermediate_size(layer)) == (6, 3, 64 - 21)
+    # reported honestly: MLP only, so well below the request (no rebalancing)
+    assert res.achieved_ratio == pytest.approx(1 - ad.num_parameters() / before) and res.achieved_ratio < 0.25
+
+
+def test_wanda_sp_official_removes_the_weakest_whole_kv_group():
+    m = gqa_model(2)
+    ad = get_adapter(m)
+    ids = calib()
+    mom = activation_moments(ad, ids)
+    weakest = [int(wanda_sp_scores(ad, layer, mom[i])[0].reshape(3, 2).sum(1).argmin())
+               for i, layer in enumerate(ad.layers)]
+    fedprune.prune(m, "wanda_sp", 0.4, calib_ids=ids, preset="official")  # int(0.4 * 3) = 1 group
+    for i, layer in enumerate(ad.layers):
+        assert (ad.num_heads(layer), ad.num_kv_heads(layer)) == (4, 2)
+        assert weakest[i] not in ad.plan.layers[i].kv_heads
+        assert sorted({h // 2 for h in ad.plan.layers[i].q_heads}) == ad.plan.layers[i].kv_heads
+
+
+def test_llm_pruner_official_prunes_only_layers_4_to_L_minus_3_at_the_local_ratio():
+    m = gqa_model(8)
+    ad = get_adapter(m)
+    untouched = {i: layer_weights(m, i) for i in (0, 1, 2, 3, 6, 7)}
+    res = fedprune.prune(m, "llm_pruner", 0.4, calib_ids=calib(), preset="official")
+    assert res.report["pruned_layers"] == [4, 5]
+    for i, w in untouched.items():
+        assert all(torch.equal(w[k], v) for k, v in layer_weights(m, i).items()), f"layer {i} changed"
+    # kv_width 48: (48 - int(48 * 0.6)) // 16 = 1 KV group; round(0.4 * 64) = 26 channels
+    for i in (4, 5):
+        layer = ad.layers[i]
+        assert (ad.num_heads(layer), ad.num_kv_heads(layer), ad.intermediate_size(layer)) == (4, 2, 38)
+    assert res.achieved_ratio < 0.15  # two of eight layers at 40 %: below the request, as measured
+
+
+def test_llm_pruner_official_keeps_attention_when_the_rule_rounds_to_no_group():
+    m = gqa_model(8)
+    ad = get_adapter(m)
+    fedprune.prune(m, "llm_pruner", 0.2, calib_ids=calib(), preset="official")
+    # (48 - int(48 * 0.8)) // 16 = (48 - 38) // 16 = 0 groups; round(0.2 * 64) = 13 channels
+    assert [(ad.num_kv_heads(l), ad.intermediate_size(l)) for l in ad.layers[4:6]] == [(3, 51), (3, 51)]
+
+
+def test_flap_official_standardises_each_unit_type_across_all_layers():
+    scores = [(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])),
+              (torch.tensor([5.0, 7.0]), torch.tensor([3.0, 4.0]))]
+    # channels 1, 2, 3, 4: mean 2.5, sample std sqrt(5 / 3); heads 1, 3, 5, 7: mean 4, std sqrt(20 / 3)
+    s_c, s_h = (5 / 3) ** 0.5, (20 / 3) ** 0.5
+    glob = standardised(scores, across_layers=True)
+    assert torch.allclose(torch.cat([glob[0][1], glob[1][1]]),
+                          torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64).float() / s_c)
+    assert torch.allclose(torch.cat([glob[0][0], glob[1][0]]), torch.tensor([-3.0, -1.0, 1.0, 3.0]) / s_h)
+    local = standardised(scores, across_layers=False)  # each layer on its own: both layers alike
+    assert torch.allclose(local[0][1], local[1][1]) and torch.allclose(local[0][1], torch.tensor([-0.5, 0.5]) / 0.5 ** 0.5)
+
+
+def test_flap_official_takes_more_from_a_layer_whose_units_all_score_low():
+    """Scaling layer 0's down_proj by 0.1 scales its channel scores by 0.01: invisible to per-layer
+    z-scores, decisive for z-scores over all layers."""
+    kept = {}
+    for preset in ("project", "official"):
+        m = gqa_model(4)
+        with torch.no_grad():
+            m.model.layers[0].mlp.down_proj.weight.mul_(0.1)
+        res = fedprune.prune(m, "flap", 0.2, calib_ids=calib(), preset=preset)
+        kept[preset] = [r["channels_kept"] for r in res.report["layers"]]
+    assert kept["official"][0] < min(kept["official"][1:])
+    assert kept["official"][0] < kept["project"][0]
+
+
+def test_sleb_official_uses_the_same_removal_rule():
+    removed = [fedprune.prune(gqa_model(6), "sleb", 0.3, calib_ids=calib(), preset=p).report["removed_layers"]
+               for p in ("project", "official")]
+    assert removed[0] == removed[1]
+
+
+@pytest.mark.parametrize("method", PRESET_METHODS)
+def test_calibration_defaults_apply_only_when_not_given(method):
+    official = method_options(method, {"preset": "official"})
+    assert calibration_sizes(official, None, None) == OFFICIAL[method]
+    assert calibration_sizes(official, 7, None) == (7, OFFICIAL[method][1])
+    assert calibration_sizes(official, None, 33) == (OFFICIAL[method][0], 33)
+    assert calibration_sizes(method_options(method, {}), None, None) == (128, 512)
+    assert calibration_sizes(method_options("comp", {}), None, None) == (128, 512)
+
+
+def test_prune_draws_the_presets_calibration_unless_told(tmp_path):
+    random.seed(0)
+    words = "the of and a to in is was for on that with as by it at from his an were are".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(random.choice(words) for _ in range(3000)))
+    tok = toy_tokenizer(vocab_size=300)
+    for kw, want in (({}, (10, 64)), ({"nsamples": 3, "seq_len": 20}, (3, 20))):
+        out = tmp_path / f"out{len(kw)}"
+        fedprune.prune(gqa_model(6, vocab_size=len(tok)), "llm_pruner", 0.2, tokenizer=tok,
+                       calibration=f"text:{corpus}", output=out, preset="official", **kw)
+        cal = json.loads((out / "plan.json").read_text())["calibration"]
+        assert (cal["nsamples"], cal["seq_len"]) == want
+
+
+def test_cli_resolves_the_presets_calibration_before_loading(tmp_path):
+    from fedprune.cli import build_parser
+    from fedprune.commands.prune import check_before_loading
+
+    model_dir = tmp_path / "tiny"
+    gqa_model(2).save_pretrained(model_dir)
+    parser = build_parser()
+    base = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "o"), "--calibration", "wikitext2"]
+    args = parser.parse_args(base + ["--method", "flap", "-o", "preset=official"])
+    check_before_loading(args)
+    assert (args.nsamples, args.seq_len) == (1024, 128)
+    args = parser.parse_args(base + ["--method", "flap", "-o", "preset=official", "--seq-len", "100"])
+    check_before_loading(args)
+    assert (args.nsamples, args.seq_len) == (1024, 100)
+    args = parser.parse_args(base + ["--method", "flap", "--seq-len", "64"])
+    check_before_loading(args)
+    assert (args.nsamples, args.seq_len) == (128, 64)  # no preset: the usual 128
+    # without a preset the default window is 512, the official SLEB one 2048: both exceed the
+    # tiny model's 256-token context, so both are refused before loading, naming --seq-len
+    for extra in ([], ["-o", "preset=official"]):
+        args = parser.parse_args(base + ["--method", "sleb"] + extra)
+        with pytest.raises(ValueError, match="--seq-len"):
+            check_before_loading(args)
+        assert args.seq_len == (2048 if extra else 512)
+
+
+@pytest.mark.parametrize("method", PRESET_METHODS)
+def test_unknown_preset_is_refused_with_the_known_ones(method):
+    with pytest.raises(ValueError, match=r"preset 'paper' is not known; known presets: project, official"):
+        method_options(method, {"preset": "paper"})
