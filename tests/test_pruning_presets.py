@@ -13,6 +13,7 @@ from fedprune.adapters import get_adapter
 from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.models.tiny import tiny_model
 from fedprune.pruning import method_options
+from fedprune.pruning.criteria.layer import sleb_removal
 from fedprune.pruning.criteria.units import activation_moments, wanda_sp_scores
 from fedprune.pruning.methods import calibration_sizes
 from fedprune.pruning.methods.flap import standardised
@@ -112,10 +113,21 @@ def test_flap_official_takes_more_from_a_layer_whose_units_all_score_low():
     assert kept["official"][0] < kept["project"][0]
 
 
-def test_sleb_official_uses_the_same_removal_rule():
-    removed = [fedprune.prune(gqa_model(6), "sleb", 0.3, calib_ids=calib(), preset=p).report["removed_layers"]
-               for p in ("project", "official")]
-    assert removed[0] == removed[1]
+def test_sleb_official_never_removes_the_first_or_last_block():
+    m = gqa_model(6)
+    res = fedprune.prune(m, "sleb", 0.45, calib_ids=calib(), preset="official")
+    assert len(res.report["removed_layers"]) >= 2 and not {0, 5} & set(res.report["removed_layers"])
+    ad = get_adapter(gqa_model(4))
+    # the barriers leave blocks 1 and 2 only: asking for both gives exactly them, a third is refused
+    assert sleb_removal(ad, calib(), 2, keep_first=1, keep_last=1) == [1, 2]
+    with pytest.raises(ValueError, match="cannot remove 3 of 4 blocks while keeping the first 1 and last 1"):
+        sleb_removal(ad, calib(), 3, keep_first=1, keep_last=1)
+
+
+def test_sleb_project_may_remove_an_end_block():
+    """Without barriers block 0 or 3 is a candidate: removing three of four blocks must take one."""
+    ad = get_adapter(gqa_model(4))
+    assert {0, 3} & set(sleb_removal(ad, calib(), 3))
 
 
 @pytest.mark.parametrize("method", PRESET_METHODS)

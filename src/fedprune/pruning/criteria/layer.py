@@ -67,13 +67,20 @@ def calibration_nll(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8) -> list[int]:
-    """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices."""
+def sleb_removal(adapter: DecoderAdapter, ids: torch.Tensor, n_remove: int, batch_size: int = 8,
+                 keep_first: int = 0, keep_last: int = 0) -> list[int]:
+    """SLEB: repeatedly remove the block whose removal raises calibration NLL least. Returns original indices.
+
+    ``keep_first`` / ``keep_last``: that many of the first / last *remaining* blocks are never
+    candidates (the SLEB repository's ``early_barrier`` / ``latter_barrier``, 1 and 1)."""
     alive = list(range(adapter.num_layers))
+    if n_remove > len(alive) - keep_first - keep_last:
+        raise ValueError(f"SLEB cannot remove {n_remove} of {len(alive)} blocks while keeping the first "
+                         f"{keep_first} and last {keep_last}")
     removed: list[int] = []
     for _ in tqdm(range(n_remove), desc="SLEB block removal", leave=False):
         best, best_nll = None, float("inf")
-        for cand in alive:
+        for cand in alive[keep_first:len(alive) - keep_last]:
             with adapter.only_layers([i for i in alive if i != cand]):
                 nll = calibration_nll(adapter, ids, batch_size)
             if nll < best_nll:
