@@ -17,6 +17,7 @@ from fedprune.pruning.criteria.layer import sleb_removal
 from fedprune.pruning.criteria.units import activation_moments, wanda_sp_scores
 from fedprune.pruning.methods import calibration_sizes
 from fedprune.pruning.methods.flap import standardised
+from fedprune.pruning.methods.llm_pruner import official_layer_cut
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +72,7 @@ def test_llm_pruner_official_prunes_only_layers_4_to_L_minus_3_at_the_local_rati
     assert res.report["pruned_layers"] == [4, 5]
     for i, w in untouched.items():
         assert all(torch.equal(w[k], v) for k, v in layer_weights(m, i).items()), f"layer {i} changed"
-    # kv_width 48: (48 - int(48 * 0.6)) // 16 = 1 KV group; round(0.4 * 64) = 26 channels
+    # kv_width 48: (48 - int(48 * 0.6)) // 16 = 1 KV group; 64 - int(64 * 0.6) = 26 channels
     for i in (4, 5):
         layer = ad.layers[i]
         assert (ad.num_heads(layer), ad.num_kv_heads(layer), ad.intermediate_size(layer)) == (4, 2, 38)
@@ -82,8 +83,14 @@ def test_llm_pruner_official_keeps_attention_when_the_rule_rounds_to_no_group():
     m = gqa_model(8)
     ad = get_adapter(m)
     fedprune.prune(m, "llm_pruner", 0.2, calib_ids=calib(), preset="official")
-    # (48 - int(48 * 0.8)) // 16 = (48 - 38) // 16 = 0 groups; round(0.2 * 64) = 13 channels
+    # (48 - int(48 * 0.8)) // 16 = (48 - 38) // 16 = 0 groups; 64 - int(64 * 0.8) = 13 channels
     assert [(ad.num_kv_heads(l), ad.intermediate_size(l)) for l in ad.layers[4:6]] == [(3, 51), (3, 51)]
+
+
+def test_llm_pruner_official_channel_count_rounds_up_like_the_official_code():
+    ad = get_adapter(gqa_model(1))
+    # 64 - int(64 * 0.7) = 64 - 44 = 20 (round(0.3 * 64) would be 19); kv: (48 - int(33.6)) // 16 = 0
+    assert official_layer_cut(ad, ad.layers[0], 0.3) == (0, 20)
 
 
 def test_flap_official_standardises_each_unit_type_across_all_layers():

@@ -8,7 +8,9 @@ meets the requested share of *all* parameters (query heads per KV group and chan
 ``official`` follows the LLM-Pruner repository's block-wise ``param_first`` Taylor run without
 recovery: the ratio ``r`` is each pruned layer's own (local) ratio, every pruned layer losing
 ``(kv_width - int(kv_width * (1 - r))) // head_dim`` whole KV groups (lowest summed Taylor
-score) and ``round(r * width)`` FFN channels, on 10 windows of 64 tokens. The layer range is
+score) and ``width - int(width * (1 - r))`` FFN channels (its ``MetaPruner.prune_local``
+count: ``r * width`` rounded *up*, e.g. 308 of SmolLM2's 1536 at r = 0.2, not 307), on 10
+windows of 64 tokens. The layer range is
 the same in both (the defaults ``first_layer=4``, ``last_layer_offset=2`` are the official
 ``--block_*_layer_start 4 --block_*_layer_end L-2``); since the first, last and embedding
 parameters are never pruned, the official preset's achieved ratio is below ``r`` and is
@@ -76,7 +78,7 @@ def official_layer_cut(adapter: DecoderAdapter, layer, ratio: float) -> tuple[in
     hd, n_kv, width = adapter.head_dim, adapter.num_kv_heads(layer), adapter.intermediate_size(layer)
     kv_width = n_kv * hd
     groups = (kv_width - int(kv_width * (1 - ratio))) // hd
-    return min(groups, n_kv - 1), min(int(round(ratio * width)), width - 1)
+    return min(groups, n_kv - 1), min(width - int(width * (1 - ratio)), width - 1)
 
 
 def _prune_official(adapter: DecoderAdapter, scores, layer_ids: list[int], ratio: float) -> dict[str, Any]:
