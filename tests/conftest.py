@@ -27,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The toy byte-level BPE tokenizer (a module may define its own ``tok``)."""
+    from fedprune.data.toy_tokenizer import toy_tokenizer
+
+    return toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    """A tiny LLaMA (max_position_embeddings=256) saved with the toy tokenizer, as a model directory."""
+    import fedprune
+
+    d = tmp_path_factory.mktemp("models") / "tiny"
+    fedprune.save_model(tiny_model("llama", vocab_size=len(tok)), d, tokenizer=tok)
+    return d

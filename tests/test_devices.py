@@ -12,7 +12,6 @@ import torch
 
 import fedprune
 from fedprune.cli import main
-from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.models.device import parse_device_spec, resolve_device
 from fedprune.models.tiny import tiny_model
 
@@ -20,18 +19,6 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 8
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return toy_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("models") / "tiny"
-    fedprune.save_model(tiny_model("llama", vocab_size=len(tok)), d, tokenizer=tok)
-    return d
 
 
 def calib(n=8, L=24, seed=0):

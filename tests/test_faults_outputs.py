@@ -1,6 +1,7 @@
 """Outputs that cannot destroy a user's files: output guards, run locks, atomic saves under SIGTERM,
 stale temporaries, safe resume (no code from a checkpoint, no silent setting changes, torn logs),
 and evaluation results that are never replaced by a partial run."""
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,27 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=60.0):
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t < timeout, "child never got ready"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def lock_held_by_child(lock_call: str, tmp_path: Path):
+    """A child process that holds ``lock_call`` (e.g. ``run_lock('DIR')``) until the block ends."""
+    ready = tmp_path / "child-ready"
+    proc = child(f"""
+        import time
+        from pathlib import Path
+        from fedprune.outputs import model_output_lock, run_lock
+        with {lock_call}:
+            Path({str(ready)!r}).touch()
+            time.sleep(60)
+        """)
+    try:
+        wait_for(ready, proc)
+        ready.unlink()
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- prune: outputs that cannot destroy anything ------------------------------------------------------
@@ -206,46 +228,22 @@ def test_a_swap_that_died_midway_is_restored_before_the_output_check(tmp_path):
 
 # ---- locks ----------------------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_naming_the_owner(tmp_path, capsys, unloadable):
-    out, ready = tmp_path / "pruned", tmp_path / "ready"
-    proc = child(f"""
-        import time
-        from pathlib import Path
-        from fedprune.outputs import model_output_lock
-        with model_output_lock({str(out)!r}):
-            Path({str(ready)!r}).touch()
-            time.sleep(60)
-        """)
-    try:
-        wait_for(ready, proc)
+    out = tmp_path / "pruned"
+    with lock_held_by_child(f"model_output_lock({str(out)!r})", tmp_path) as proc:
         with pytest.raises(OutputLocked, match=f"pid {proc.pid} on host {socket.gethostname()}"):
             save_model(tiny_model("llama"), out)
         assert main(["prune", "--model", unloadable, "--seq-len", "64", "--output", str(out)]) == 1
         assert f"in use by pid {proc.pid}" in capsys.readouterr().err
-    finally:
-        proc.kill()
-        proc.wait()
     assert not out.exists()
 
 
 def test_two_federated_runs_into_one_directory(tmp_path, capsys):
-    run, ready = tmp_path / "run", tmp_path / "ready"
+    run = tmp_path / "run"
     run.mkdir()
-    proc = child(f"""
-        import time
-        from pathlib import Path
-        from fedprune.outputs import run_lock
-        with run_lock({str(run)!r}):
-            Path({str(ready)!r}).touch()
-            time.sleep(60)
-        """)
-    try:
-        wait_for(ready, proc)
+    with lock_held_by_child(f"run_lock({str(run)!r})", tmp_path) as proc:
         assert main(["federate", *TINY, "--output", str(run)]) == 1
         assert f"in use by pid {proc.pid}" in capsys.readouterr().err
         assert sorted(p.name for p in run.iterdir()) == [".fedprune.lock"]  # nothing written
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, caplog):
@@ -474,17 +472,6 @@ def test_flower_server_refuses_a_non_empty_run_directory_and_a_locked_one(tmp_pa
         run_server(None, cfg, used)  # refused before the grid is touched
     assert tree(used) == {"notes.txt": b"keep"}
     locked = tmp_path / "locked"
-    holder = child(f"""
-        import time
-        from fedprune.outputs import run_lock
-        with run_lock({str(locked)!r}):
-            open({str(tmp_path / 'ready')!r}, 'w').close()
-            time.sleep(60)
-        """)
-    try:
-        wait_for(tmp_path / "ready", holder)
+    with lock_held_by_child(f"run_lock({str(locked)!r})", tmp_path) as holder:
         with pytest.raises(OutputLocked, match=str(holder.pid)):
             run_server(None, cfg, locked)
-    finally:
-        holder.kill()
-        holder.wait()

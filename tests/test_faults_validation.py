@@ -15,25 +15,11 @@ import pytest
 
 import fedprune
 from fedprune.cli import main
-from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.models.tiny import tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "federated"
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 8
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return toy_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    """A tiny LLaMA (max_position_embeddings=256) with its tokenizer, as a model directory."""
-    d = tmp_path_factory.mktemp("models") / "tiny"
-    fedprune.save_model(tiny_model("llama", vocab_size=len(tok)), d, tokenizer=tok)
-    return d
 
 
 @pytest.fixture(scope="module")
