@@ -45,3 +45,12 @@ def model_dir(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("models") / "tiny"
     fedprune.save_model(tiny_model("llama", vocab_size=len(tok)), d, tokenizer=tok)
     return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny BPE tokenizer of the federated tests (trained once on the Dolly test records;
+    a module may define its own ``tokenizer``)."""
+    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
+
+    return tiny_bpe_tokenizer()

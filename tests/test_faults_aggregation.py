@@ -203,13 +203,6 @@ def test_shared_step_caps_a_liar_as_the_flower_server_calls_it():
 
 
 # ---- the attack in a simulation -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 def _run(tokenizer, run_dir, extra=(), attack=False):
     cfg = load_config(None, FAST + list(extra))
     model = tiny_model("llama", vocab_size=len(tokenizer))

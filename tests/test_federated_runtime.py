@@ -22,13 +22,6 @@ FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 def make_sim(tokenizer, run_dir, extra=(), tamper=None):
     cfg = load_config(None, FAST + list(extra))
     model = tiny_model("llama", vocab_size=len(tokenizer))

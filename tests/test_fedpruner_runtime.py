@@ -25,13 +25,6 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 def tiny(tokenizer):
     return tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=LAYERS)
 

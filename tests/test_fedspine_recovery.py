@@ -21,13 +21,6 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 # ---- pure schedule pieces ---------------------------------------------------------------------------
 def test_prune_positions_leave_recovery_steps():
     assert prune_step_positions(20, 2, 4) == [2, 4, 6, 8, 10, 12, 14, 16]

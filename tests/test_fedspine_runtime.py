@@ -29,13 +29,6 @@ FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 def examples(tokenizer, n=6, seq_len=48):
     from fedprune.federated.partition import build_partitions, tokenize_example
 

@@ -107,13 +107,6 @@ FED_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
 @pytest.mark.parametrize("name", sorted(FED_CASES))
 def test_federated_run_is_unchanged(tokenizer, tmp_path, name):
     from fedprune.federated.config import load_config

@@ -41,13 +41,6 @@ EXTRA = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-
-    return tiny_bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def fleet(tokenizer) -> str:
     """Declared budgets for the tiny model: room for 2, 4 and all 6 layers (as the golden runs)."""
     from fedprune.fedpruner import plan as fp
