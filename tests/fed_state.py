@@ -32,3 +32,15 @@ def assert_same_run_state(a, b) -> None:
     assert_same(a.global_.base_delta, b.global_.base_delta, "base_delta")
     assert_same(a.global_.meta, b.global_.meta, "meta")
     assert_same(a.opt_states, b.opt_states, "opt_states")
+
+
+def fedpruner_fleet(model_config, seq_len: int = 48) -> str:
+    """Three declared memory budgets for a tiny 6-layer model (room for 2, 4 and all 6 layers), the
+    fleet the FedPruner family needs in the golden runs and the strategy contract test."""
+    from fedprune.fedpruner import plan as fp
+    from fedprune.fedpruner.memory import ModelShape
+
+    shape = ModelShape.from_config(model_config)
+    setup = fp.setup_for(seq_len, 1, 4, ["q_proj", "v_proj"], lora_dropout=0.05)
+    return ",".join(f"tx2@{(fp.predicted_peak(shape, setup, k) + 1) / 2**30:.9f}GB:{n}"
+                    for k, n in ((2, 4), (4, 3), (6, 3)))

@@ -32,11 +32,6 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def assert_same_state(a, b):
-    """Everything a run carries from round to round, the strategy's meta included."""
-    assert_same_run_state(a, b)
-
-
 @pytest.mark.parametrize("strategy,ranks", [("fedit", "[]"), ("flora", "[2,4]")])
 def test_interrupted_and_resumed_equals_uninterrupted(tokenizer, tmp_path, strategy, ranks):
     extra = ["federation.rounds=3", f"federation.strategy={strategy}", f"federation.ranks={ranks}",
@@ -49,7 +44,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tokenizer, tmp_path, strat
     resumed = make_sim(tokenizer, tmp_path / "part", extra)
     resumed.run(resume=True)
     assert resumed.round == 3
-    assert_same_state(full, resumed)
+    assert_same_run_state(full, resumed)
     assert [m["round"] for m in lines(tmp_path / "part" / "metrics.jsonl")] == [0, 1, 2, 3]
     assert (tmp_path / "part" / "config.yaml").exists()
 
@@ -162,7 +157,7 @@ def test_heterogeneous_strategies_run_and_are_deterministic(tokenizer, tmp_path,
     a.run()
     b = make_sim(tokenizer, tmp_path / "b", extra)
     b.run()
-    assert_same_state(a, b)
+    assert_same_run_state(a, b)
     m = lines(tmp_path / "a" / "metrics.jsonl")
     assert m[-1]["clients_ok"] == 3 and m[-1]["bytes_up"] > 0 and m[-1]["sim_time_s"] > 0
     ranks = {c["rank"] for c in lines(tmp_path / "a" / "clients.jsonl")}

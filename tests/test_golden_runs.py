@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fedprune.models.tiny import tiny_model
+from fed_state import fedpruner_fleet
 
 GOLDEN = Path(__file__).parent / "golden" / "runs.json"
 REGEN = os.environ.get("FEDPRUNE_REGEN_GOLDEN") == "1"
@@ -86,17 +87,6 @@ FAST = ["model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.max_examples_
 ALL = '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]'
 
 
-def _fleet_for_fedpruner(model) -> str:
-    """Three declared budgets for the tiny model: room for 2, 4 and all 6 layers."""
-    from fedprune.fedpruner import plan as fp
-    from fedprune.fedpruner.memory import ModelShape
-
-    shape = ModelShape.from_config(model.config)
-    setup = fp.setup_for(48, 1, 4, ["q_proj", "v_proj"], lora_dropout=0.05)
-    return ",".join(f"tx2@{(fp.predicted_peak(shape, setup, k) + 1) / 2**30:.9f}GB:{n}"
-                    for k, n in ((2, 4), (4, 3), (6, 3)))
-
-
 FED_CASES = {
     "fedit": ["federation.strategy=fedit"],
     "hetlora": ["federation.strategy=hetlora", "federation.ranks=[2,4]"],
@@ -115,7 +105,7 @@ def test_federated_run_is_unchanged(tokenizer, tmp_path, name):
     model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=6)
     extra = list(FED_CASES[name])
     if name.startswith("fedpruner"):
-        extra.append(f"federation.fleet={_fleet_for_fedpruner(model)}")
+        extra.append(f"federation.fleet={fedpruner_fleet(model.config)}")
     cfg = load_config(None, FAST + extra)
     sim = Simulation(cfg, tmp_path / name, model=model, tokenizer=tokenizer)
     sim.run()

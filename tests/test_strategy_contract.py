@@ -18,7 +18,7 @@ import dataclasses
 
 import pytest
 
-from fed_state import assert_same_run_state
+from fed_state import assert_same_run_state, fedpruner_fleet
 from fedprune.federated.strategies import STRATEGIES
 from fedprune.models.tiny import tiny_model
 
@@ -43,13 +43,7 @@ EXTRA = {
 @pytest.fixture(scope="module")
 def fleet(tokenizer) -> str:
     """Declared budgets for the tiny model: room for 2, 4 and all 6 layers (as the golden runs)."""
-    from fedprune.fedpruner import plan as fp
-    from fedprune.fedpruner.memory import ModelShape
-
-    shape = ModelShape.from_config(tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=LAYERS).config)
-    setup = fp.setup_for(SEQ, 1, 4, ["q_proj", "v_proj"], lora_dropout=0.05)
-    return ",".join(f"tx2@{(fp.predicted_peak(shape, setup, k) + 1) / 2**30:.9f}GB:{n}"
-                    for k, n in ((2, 4), (4, 3), (6, 3)))
+    return fedpruner_fleet(tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=LAYERS).config, SEQ)
 
 
 def overrides(name: str, fleet: str) -> list[str]:

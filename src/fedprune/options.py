@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import types
 import typing
@@ -111,7 +110,6 @@ def float_in(low: float | None = None, high: float | None = None, low_open: bool
     return parse
 
 
-ratio_in_open_unit = float_in(0.0, 1.0, low_open=True, high_open=True)
 nonnegative_float = float_in(0.0)
 
 
@@ -292,20 +290,7 @@ def build_options(cls: type, options: Mapping[str, Any], what: str, prefix: str 
         raise ValueError(f"{what}: {exc}" if not prefix else str(exc)) from None
 
 
-def keyword_options(fn: Callable, options: Mapping[str, Any], what: str, skip: int = 0,
-                    prefix: str = "") -> dict[str, Any]:
-    """``options`` checked against ``fn``'s keyword parameters (the first ``skip`` positional
-    ones excluded), unknown keys refused with the known list, values coerced to annotations."""
-    params = list(inspect.signature(fn).parameters.values())
-    params = [p for p in params if p.name != "self"][skip:]
-    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    refuse_unknown(options, known, what)
-    hints = _hints(fn)
-    return {k: coerce(prefix + k, v, hints.get(k)) for k, v in options.items()}
-
-
 __all__ = [
     "require_int", "require_number", "int_at_least", "positive_int", "nonnegative_int", "float_in",
-    "ratio_in_open_unit", "nonnegative_float", "fraction_or_auto", "coerce", "refuse_unknown", "build_options",
-    "keyword_options",
+    "nonnegative_float", "fraction_or_auto", "coerce", "refuse_unknown", "build_options",
 ]

@@ -59,8 +59,7 @@ def _protected(path: Path) -> str | None:
         return f"it contains the current directory {cwd}"
     if p == Path(p.anchor):
         return "it is the filesystem root"
-    homes = {Path.home().resolve(), Path(os.path.expanduser("~")).resolve()}
-    if p in homes or p.parent in (Path("/home"), Path("/Users")) or p == Path("/root"):
+    if p == Path.home().resolve() or p.parent in (Path("/home"), Path("/Users")) or p == Path("/root"):
         return "it is a home directory"
     return None
 
@@ -258,7 +257,8 @@ def output_lock(lock: str | os.PathLike, what: str) -> Iterator[Path]:
 
 
 def model_output_lock(path: str | os.PathLike):
-    """Lock a pruned-model output by its sibling ``.NAME.lock`` (the directory itself is swapped)."""
+    """Lock an output (a pruned-model directory, a GGUF file) by its sibling ``.NAME.lock``: the
+    output itself is swapped in by a rename, so it cannot hold the lock."""
     path = Path(path).absolute()
     return output_lock(path.with_name(f".{path.name}.lock"), f"output {path}")
 

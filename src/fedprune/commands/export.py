@@ -34,7 +34,7 @@ def run(args) -> int:
     import json
 
     from ..deploy import export_gguf
-    from ..outputs import check_file_output, output_lock
+    from ..outputs import check_file_output, model_output_lock
 
     if args.lora and args.model:
         raise ValueError("give --model or --lora RUN_DIR (which exports the run's own base model), not both")
@@ -46,7 +46,7 @@ def run(args) -> int:
         from ..federated.merged import load_merged_run
 
         model, tok, info = load_merged_run(args.lora, device=args.device)
-    with output_lock(out.with_name(f".{out.name}.lock"), f"the GGUF file {out}"):
+    with model_output_lock(out):
         report = export_gguf(model if model is not None else args.model, args.output, args.outtype, tokenizer=tok,
                              tokenizer_pre=args.tokenizer_pre)
     if args.lora:

@@ -123,14 +123,14 @@ def run(args) -> int:
     from ..outputs import check_model_output, model_output_lock
     from ..pruning import prune
 
-    check_before_loading(args)  # options, corpus and --seq-len: before loading anything
+    opts = check_before_loading(args)  # options, corpus and --seq-len: before loading anything
     check_model_output(args.output, args.overwrite)  # before loading anything
     with model_output_lock(args.output):  # a second prune into the same output fails now, naming this one
         model = load_model(args.model, dtype=args.dtype, device=args.device)
         tok = load_tokenizer(args.model)
         res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration,
                     nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir,
-                    output=args.output, overwrite=args.overwrite, **options_from_args(args))
+                    output=args.output, overwrite=args.overwrite, **opts)
     s = res.summary()
     print(json.dumps({k: s[k] for k in ("method", "ratio", "achieved_ratio", "params_before", "params_after",
                                          "wall_time_s", "peak_rss_bytes")}, indent=2))

@@ -113,10 +113,6 @@ def siqa_example(doc: dict) -> ChoiceExample:
 
 # ---- local files -> Hugging-Face-shaped records ----
 
-def _jsonl(path: Path) -> list[dict]:
-    return read_jsonl(path)
-
-
 def _labels(path: Path) -> list[str]:
     return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
@@ -130,7 +126,7 @@ def _zip_labels(records: list[dict], labels: list[str], what: str) -> tuple[list
 def read_boolq(root: Path) -> list[dict]:
     def local(p: Path) -> list[dict]:
         out = []
-        for r in _jsonl(p):
+        for r in read_jsonl(p):
             label = r["label"]
             label = {"true": 1, "false": 0}[label.lower()] if isinstance(label, str) else int(label)
             out.append({"question": r["question"], "passage": r["passage"], "label": label})
@@ -141,7 +137,7 @@ def read_boolq(root: Path) -> list[dict]:
 
 def read_piqa(root: Path) -> list[dict]:
     def local(p: Path, lab: Path) -> list[dict]:
-        recs, labels = _zip_labels(_jsonl(p), _labels(lab), "piqa")
+        recs, labels = _zip_labels(read_jsonl(p), _labels(lab), "piqa")
         return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(l)} for r, l in zip(recs, labels)]
 
     return local_or_hub(root, ("piqa/dev.jsonl", "piqa/dev-labels.lst"), local, ("baber/piqa", None, "validation"), list)
@@ -217,7 +213,7 @@ def read_winogrande(root: Path) -> list[dict]:
 def _arc_reader(relpath: str, config: str):
     def local(p: Path) -> list[dict]:
         out = []
-        for r in _jsonl(p):
+        for r in read_jsonl(p):
             q = r["question"]
             out.append({"question": q["stem"], "answerKey": r["answerKey"],
                         "choices": {"text": [c["text"] for c in q["choices"]],
@@ -251,7 +247,7 @@ def read_openbookqa(root: Path) -> list[dict]:
 
 def read_siqa(root: Path) -> list[dict]:
     def local(p: Path, lab: Path) -> list[dict]:
-        recs, labels = _zip_labels(_jsonl(p), _labels(lab), "siqa")
+        recs, labels = _zip_labels(read_jsonl(p), _labels(lab), "siqa")
         return [{**r, "label": l} for r, l in zip(recs, labels)]
 
     return local_or_hub(root, ("siqa/dev.jsonl", "siqa/dev-labels.lst"), local,

@@ -54,13 +54,13 @@ def _read_wikitext_test(root: Path) -> str:
 
 def _read_wikitext_train(root: Path) -> str:
     # The raw train file is not in the shared data (too large for the snapshot service).
-    return local_or_hub(root, ("wikitext-2-raw/wiki.train.raw",), lambda p: read_text(p),
+    return local_or_hub(root, ("wikitext-2-raw/wiki.train.raw",), read_text,
                         (*WIKITEXT_HUB, "train"), lambda ds: "\n\n".join(ds["text"]))
 
 
 def _read_wikitext_valid(root: Path) -> str:
     # pytorch/examples' tokenized validation split (rare words as <unk>); the raw one is not local.
-    return local_or_hub(root, ("wikitext-2-tokenized/valid.txt",), lambda p: read_text(p),
+    return local_or_hub(root, ("wikitext-2-tokenized/valid.txt",), read_text,
                         (*WIKITEXT_HUB, "validation"), lambda ds: "\n\n".join(ds["text"]))
 
 

@@ -41,7 +41,6 @@ def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict 
     """
     from ..outputs import check_model_output, model_output_lock
 
-    check_model_output(directory, overwrite)  # before any work: fail fast
     adapter = get_adapter(model)
     plan = adapter.plan
     directory = Path(directory)

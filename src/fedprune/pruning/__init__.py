@@ -99,7 +99,6 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
         from ..models.loading import check_context
 
         check_context(model.config, seq_len, "seq_len")
-    if calib_ids is None:
         calib_ids = get_calibration(tokenizer, calibration, nsamples, seq_len, seed, data_dir)
     release_free_memory()  # tokenizing the corpus leaves freed heap behind: not the pruner's memory
     torch.manual_seed(seed)

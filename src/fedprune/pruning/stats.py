@@ -24,8 +24,6 @@ from torch import nn
 from .criteria.neuron import UnitStats
 from .mask_tuning import MaskSystem
 
-Targets = "dict[str, torch.Tensor] | torch.Tensor"
-
 
 @dataclass
 class GramAccumulator:

@@ -92,7 +92,7 @@ def check_resume(run_dir: str | Path, cfg: FederatedConfig) -> tuple[dict, dict[
         detail = "; ".join(f"{k} from {changes[k][0]!r} to {changes[k][1]!r}" for k in refused)
         raise ValueError(f"a resume cannot change {detail}: it continues {run_dir} with the settings it started "
                          f"with; only {', '.join(CHANGEABLE_ON_RESUME)} may change (start a new run for the rest)")
-    state = load_plain(path.read_bytes(), str(path))
+    state = load_plain(path, str(path))
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {got!r} is not {CHECKPOINT_FORMAT!r}")
@@ -110,7 +110,7 @@ def check_resume(run_dir: str | Path, cfg: FederatedConfig) -> tuple[dict, dict[
     if done > cfg.federation.rounds:
         raise ValueError(f"{path} is after round {done} but federation.rounds={cfg.federation.rounds}; "
                          f"give federation.rounds>={done}")
-    return state, {k: v for k, v in changes.items()}
+    return state, changes
 
 
 def commit_resume(run_dir: str | Path, cfg: FederatedConfig, round_done: int, changes: dict[str, list]) -> None:
