@@ -1,0 +1,83 @@
+"""The deploy benchmark's report maths: paired decode speed-ups, the size-quality frontier, the
+log-log interpolation of the dense curve, the COMP 30 % targets, and the load wait."""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def bench():
+    spec = importlib.util.spec_from_file_location("deploy_bench", ROOT / "benchmarks/deploy/run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _file(model, outtype, mb, ppl):
+    return {"model": model, "outtype": outtype, "bytes": mb * 1e6, "ppl": ppl}
+
+
+def test_interpolation_is_linear_in_log_log(bench):
+    pts = [(100.0, 40.0), (400.0, 10.0)]
+    # halfway in log(x) between 100 and 400 is 200; halfway in log(y) between 40 and 10 is 20
+    assert bench.interpolate_log(pts, 200.0) == pytest.approx(20.0)
+    assert bench.interpolate_log(pts, 100.0) == pytest.approx(40.0)
+    assert bench.interpolate_log(pts, 99.0) is None and bench.interpolate_log(pts, 401.0) is None
+
+
+def test_frontier_and_comparison_with_dense(bench):
+    record = {"files": {
+        "dense@f16": _file("dense", "f16", 400, 10.0),
+        "dense@q4_k_m": _file("dense", "q4_k_m", 100, 40.0),
+        "comp-30@f16": _file("comp-30", "f16", 200, 15.0),     # dense at 200 MB: 20 -> beats it
+        "comp-30@q8_0": _file("comp-30", "q8_0", 150, 30.0),   # dense at 150 MB: 40*(1/4)^(log(1.5)/log(4)) = 26.7 -> loses
+        "comp-50@q4_k_m": _file("comp-50", "q4_k_m", 60, 90.0),  # smaller than every dense file: no comparison
+    }}
+    front = bench.frontier(record)
+    assert front["pareto"] == ["comp-50@q4_k_m", "dense@q4_k_m", "comp-30@q8_0", "comp-30@f16", "dense@f16"]
+    vs = front["vs_dense"]
+    assert vs["comp-30@f16"]["beats_dense"] is True and vs["comp-30@f16"]["dense_ppl_at_same_bytes"] == pytest.approx(20.0)
+    assert vs["comp-30@q8_0"]["beats_dense"] is False
+    assert vs["comp-30@q8_0"]["dense_ppl_at_same_bytes"] == pytest.approx(40 * 0.25 ** (0.5849625 / 2), rel=1e-6)
+    assert vs["comp-50@q4_k_m"]["beats_dense"] is None
+
+
+def _run(model, outtype, rnd, decode, contended=False):
+    return {"model": model, "outtype": outtype, "round": rnd, "decode_tokens_per_s": decode,
+            "prefill_tokens_per_s": 10 * decode, "peak_rss_bytes": 1e8, "contended": contended, "load_before": 0.3}
+
+
+def test_speedup_is_the_median_of_paired_ratios(bench):
+    record = {"speed": [
+        _run("dense", "f16", 0, 50.0), _run("comp-30", "f16", 0, 75.0),            # pair 1.5
+        _run("dense", "f16", 1, 100.0), _run("comp-30", "f16", 1, 110.0, True),    # pair 1.1
+        _run("dense", "f16", 2, 60.0), _run("comp-30", "f16", 2, 120.0),           # pair 2.0
+    ]}
+    s = bench.speed_summary(record)
+    # the median of the pairs (1.5), not the ratio of the medians (110 / 60 = 1.83)
+    assert s["comp-30@f16"]["decode_speedup"] == pytest.approx(1.5)
+    assert s["comp-30@f16"]["decode_tokens_per_s"] == pytest.approx(110.0)
+    assert s["comp-30@f16"]["contended_runs"] == 1 and s["dense@f16"]["decode_speedup"] == pytest.approx(1.0)
+
+
+def test_targets_compare_speedup_with_the_file_size_ratio(bench):
+    record = {"files": {"dense@f16": _file("dense", "f16", 271, 30.0), "comp-30@f16": _file("comp-30", "f16", 190, 120.0)}}
+    speed = {"comp-30@f16": {"decode_speedup": 1.44}}
+    (row,) = bench.checks(record, speed)
+    assert row["file_size_ratio"] == pytest.approx(271 / 190)
+    assert row["within_10pct_of_size_ratio"] and row["at_least_1_3x"]
+    (row,) = bench.checks(record, {"comp-30@f16": {"decode_speedup": 1.2}})
+    assert not row["within_10pct_of_size_ratio"] and not row["at_least_1_3x"]
+
+
+def test_wait_for_quiet_marks_a_busy_machine(bench, monkeypatch):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (50.0, 0, 0))
+    args = SimpleNamespace(load_per_core=0.5, max_wait=0.0)
+    assert bench.wait_for_quiet(args)["contended"] is True
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.0, 0, 0))
+    out = bench.wait_for_quiet(args)
+    assert out["contended"] is False and out["waited_s"] == 0.0
