@@ -106,7 +106,8 @@ def check_before_loading(args) -> dict:
     opts = options_from_args(args)
     from ..pruning.methods import calibration_sizes
 
-    args.nsamples, args.seq_len = calibration_sizes(method_options(args.method, opts), args.nsamples, args.seq_len)
+    method_opts = method_options(args.method, opts)
+    args.nsamples, args.seq_len = calibration_sizes(method_opts, args.nsamples, args.seq_len)
     check_data_dir(args.data_dir)
     corpus = calibration_corpus(args.calibration, args.data_dir)
     if corpus.startswith("text:"):
@@ -114,7 +115,14 @@ def check_before_loading(args) -> dict:
     elif not is_text_dataset(corpus):
         get_dataset(corpus)  # unknown name: KeyError with the known ones
         raise ValueError(f"--calibration {args.calibration!r} is not a text corpus (e.g. c4, wikitext2, ptb, text:PATH)")
-    check_context(load_model_config(args.model), args.seq_len, "--seq-len", str(args.model))
+    config = load_model_config(args.model)
+    check_context(config, args.seq_len, "--seq-len", str(args.model))
+    multiple = getattr(method_opts, "width_multiple", 1)
+    if multiple > 1:  # larger than the FFN width: refused before the weights load
+        from ..adapters.shape import ModelShape
+        from ..pruning.width import check_width
+
+        check_width(multiple, ModelShape.from_config(config).intermediate, str(args.model))
     return opts
 
 

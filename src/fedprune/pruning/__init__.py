@@ -19,6 +19,7 @@ import torch
 from ..adapters import get_adapter
 from ..memory_usage import peak_rss_bytes
 from .activations import release_free_memory
+from . import width
 from .budget import check_ratio
 from .methods import METHODS, calibration_sizes
 
@@ -95,6 +96,9 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
     opts = method_options(method, options)
     nsamples, seq_len = calibration_sizes(opts, nsamples, seq_len)
     adapter = get_adapter(model)
+    multiple = getattr(opts, width.OPTION, 1)
+    if multiple > 1:
+        width.check_model(adapter, multiple)  # before calibration: no width a multiple of it
     if calib_ids is None:
         from ..models.loading import check_context
 
@@ -110,6 +114,12 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
     model.train(was_training)
     wall = time.perf_counter() - t0
     after = adapter.num_parameters()
+    widths = None
+    if multiple > 1:
+        widths = width.width_report(adapter, multiple)
+        width.warn_unmet(widths, adapter.head_dim)
+        if isinstance(report, dict):
+            report[width.OPTION] = widths
     achieved = 1.0 - after / before
     peak = peak_rss_bytes()
     log.info("%s: removed %.2f%% of parameters (asked %.2f%%) in %.1fs", method, 100 * achieved, 100 * ratio, wall)
@@ -121,7 +131,9 @@ def _prune(model, method, fn, ratio, tokenizer, calibration, nsamples, seq_len, 
                    extra={"pruning": {**{k: v for k, v in result.summary().items() if k != "report"},
                                       # per-layer units kept and mask-tuning errors (COMP), when reported
                                       **({"layer_report": report["layers"]} if isinstance(report, dict)
-                                         and "layers" in report else {})},
+                                         and "layers" in report else {}),
+                                      # width_multiple: its value and every kept layer's widths
+                                      **({width.OPTION: widths} if widths is not None else {})},
                           "calibration": {"corpus": calibration,
                                           "nsamples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
                                           "seed": seed}, "options": {k: str(v) for k, v in options.items()}})

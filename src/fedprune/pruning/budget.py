@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..adapters import DecoderAdapter
+from .width import block_scores, gqa_head_counts, head_multiple, round_channel_removals, round_heads
 
 
 def check_ratio(ratio: float) -> float:
@@ -112,9 +113,30 @@ def _removable(adapter: DecoderAdapter, layer: nn.Module, head_sparsity: float |
     return heads + (adapter.intermediate_size(layer) - 1) * channel_cost(adapter, layer)
 
 
+def _head_units(adapter: DecoderAdapter, layer: nn.Module, hs: float, width_multiple: int) -> tuple[int, int]:
+    """``(query heads removed per KV group, whole groups removed)`` at head sparsity ``hs``: heads go
+    evenly from every KV group (at least one kept per group); under multi-head attention every head
+    is a group. With ``width_multiple > 1`` the count is rounded so kept heads x head_dim is a
+    multiple (``width.round_heads``; left as it is where no count can be)."""
+    g, n_kv = adapter.group_size(layer), adapter.num_kv_heads(layer)
+    k_h = min(int(round(hs * g)), g - 1) if g > 1 else 0
+    k_groups = min(int(round(hs * n_kv)), n_kv - 1) if g == 1 else 0
+    if width_multiple > 1:
+        counts = gqa_head_counts(adapter.num_heads(layer), n_kv)
+        m = head_multiple(width_multiple, adapter.head_dim)
+        if g > 1:
+            r = round_heads(counts, k_h, m)
+            k_h = k_h if r is None else r
+        else:
+            r = round_heads(counts, k_groups, m)
+            k_groups = k_groups if r is None else r
+    return k_h, k_groups
+
+
 def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remove: int,
                    head_sparsity: float | None = None, importance: list[float] | None = None,
-                   strength: float = 0.0, cap: float = 0.9) -> list[LayerTarget]:
+                   strength: float = 0.0, cap: float = 0.9, width_multiple: int = 1,
+                   channel_scores: list | None = None) -> list[LayerTarget]:
     """Spread ``params_to_remove`` over ``layer_ids`` as heads and FFN channels.
 
     By default uniformly (the same fraction of every layer); with ``importance`` (one score
@@ -124,6 +146,11 @@ def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remo
     share (rounded to whole query heads per KV group) unless ``head_sparsity`` fixes it
     (0 disables head pruning); FFN channels absorb the rest so the total is exact to one
     channel per layer.
+
+    ``width_multiple = N > 1``: kept FFN widths and kept heads x head_dim are made multiples of
+    ``N`` (:mod:`.width`); the channels are re-balanced over the layers so the total stays within
+    half a block of ``N`` channels of ``params_to_remove``, lower-scored blocks going first when
+    ``channel_scores`` (one score tensor per layer of ``layer_ids``, lower = less important) are given.
     """
     if params_to_remove <= 0 or not layer_ids:
         return [LayerTarget(0, 0, 0) for _ in layer_ids]
@@ -135,32 +162,49 @@ def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remo
     weights = importance_weights(importance, strength) if importance is not None else [1.0] * len(layers)
     caps = [min(cap, _removable(adapter, l, head_sparsity, cap) / size) for l, size in zip(layers, sizes)]
     shares = allocate(float(params_to_remove), [float(s) for s in sizes], weights, caps)
+    heads = [_head_units(adapter, layer, shares[n] / sizes[n] if head_sparsity is None else head_sparsity,
+                         width_multiple) for n, layer in enumerate(layers)]
+    head_params = [k_h * adapter.num_kv_heads(layer) * query_head_cost(adapter, layer)
+                   + k_g * (query_head_cost(adapter, layer) + kv_head_cost(adapter, layer))
+                   for (k_h, k_g), layer in zip(heads, layers)]
+    if width_multiple > 1:
+        return _rounded_channel_targets(adapter, layer_ids, layers, params_to_remove, shares, heads, head_params,
+                                        width_multiple, channel_scores)
     targets: list[LayerTarget] = []
     remaining = params_to_remove
     planned = sum(shares)
     for n, layer in enumerate(layers):
-        g = adapter.group_size(layer)
-        n_kv = adapter.num_kv_heads(layer)
-        s = shares[n] / sizes[n]
-        hs = s if head_sparsity is None else head_sparsity
-        # Heads are removed evenly from every KV group; keep at least one per group.
-        k_h = min(int(round(hs * g)), g - 1) if g > 1 else 0
-        k_groups = 0
-        if g == 1:  # multi-head attention: every head is a group
-            k_groups = min(int(round(hs * n_kv)), n_kv - 1)
-        head_params = k_h * n_kv * query_head_cost(adapter, layer) + \
-            k_groups * (query_head_cost(adapter, layer) + kv_head_cost(adapter, layer))
+        k_h, k_groups = heads[n]
         # this layer's planned share, corrected by what earlier roundings left over
         share = shares[n] + (remaining - planned) / (len(layers) - n)
         planned -= shares[n]
-        ch = int(round(max(share - head_params, 0) / channel_cost(adapter, layer)))
+        ch = int(round(max(share - head_params[n], 0) / channel_cost(adapter, layer)))
         width = adapter.intermediate_size(layer)
         if ch >= width:
             raise ValueError(f"ratio too high: layer {layer_ids[n]} would lose all {width} FFN channels; "
                              "remove more whole layers instead (raise the layer fraction)")
         targets.append(LayerTarget(k_h, k_groups, ch))
-        remaining -= head_params + ch * channel_cost(adapter, layer)
+        remaining -= head_params[n] + ch * channel_cost(adapter, layer)
     return targets
+
+
+def _rounded_channel_targets(adapter, layer_ids, layers, params_to_remove, shares, heads, head_params, n,
+                             channel_scores) -> list[LayerTarget]:
+    """``neuron_targets``' channels in whole blocks of ``n`` (``width.round_channel_removals``)."""
+    costs = [channel_cost(adapter, l) for l in layers]
+    widths = [adapter.intermediate_size(l) for l in layers]
+    wanted = [max(s - h, 0) / c for s, h, c in zip(shares, head_params, costs)]
+    total = max(params_to_remove - sum(head_params), 0)
+    if channel_scores is not None and len(channel_scores) != len(layers):
+        raise ValueError(f"channel_scores has {len(channel_scores)} entries for {len(layers)} layers")
+    scores = [block_scores(cs, n) for cs in channel_scores] if channel_scores is not None else None
+    chans = round_channel_removals(wanted, widths, n, costs, total=total, scores=scores)
+    short = total - sum(c * k for c, k in zip(costs, chans))
+    if short > n * max(costs) / 2:  # beyond the stated tolerance: say so rather than miss the ratio
+        raise ValueError(f"ratio too high for width_multiple={n}: every layer is at its smallest width ({n} FFN "
+                         f"channels) and {short:.0f} parameters are still to remove; remove more whole layers "
+                         "instead (raise the layer fraction)")
+    return [LayerTarget(k_h, k_g, c) for (k_h, k_g), c in zip(heads, chans)]
 
 
 def layers_for_params(adapter: DecoderAdapter, params_to_remove: float) -> int:

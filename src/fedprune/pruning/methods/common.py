@@ -11,14 +11,20 @@ from ..selection import apply_scores
 
 
 def prune_units_uniformly(adapter: DecoderAdapter, ratio: float,
-                          score_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+                          score_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                          width_multiple: int = 1) -> dict[str, Any]:
     """Remove the same share of heads and FFN channels in every layer, lowest ``score_fn(i)``
-    (``(head scores, channel scores)`` of layer ``i``) first, to meet ``ratio`` of all parameters."""
+    (``(head scores, channel scores)`` of layer ``i``) first, to meet ``ratio`` of all parameters.
+    ``width_multiple > 1``: kept widths in multiples of it, each layer rounded up or down by the
+    score of its marginal block of channels (``budget.neuron_targets``, ``pruning.width``)."""
     total = adapter.num_parameters()
-    targets = neuron_targets(adapter, list(range(adapter.num_layers)), int(ratio * total))
+    layer_ids = list(range(adapter.num_layers))
+    scores = [score_fn(i) for i in layer_ids] if width_multiple > 1 else None
+    targets = neuron_targets(adapter, layer_ids, int(ratio * total), width_multiple=width_multiple,
+                             channel_scores=[cs for _, cs in scores] if scores is not None else None)
     report = []
     for i, tgt in enumerate(targets):
-        hs, cs = score_fn(i)
+        hs, cs = score_fn(i) if scores is None else scores[i]
         report.append({"layer": i, **{k: (len(v) if isinstance(v, list) else v)
                                        for k, v in apply_scores(adapter, i, tgt, hs, cs).items()}})
     return {"layers": report}

@@ -34,6 +34,7 @@ from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll,
 from ..selection import choose_heads, heads_removed
 from ..mask_tuning import MaskFit, fit_scales, fold_column_scales, system_error
 from ..stats import GramAccumulator, flat_tokens, linear_bias
+from ..width import check_option as check_width_option
 from ...options import require_int, require_number
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class CompOptions:
     """Layer fractions tried by ``layer_fraction="auto"``."""
     auto_nsamples: int = 16
     """Calibration samples per ``auto`` trial (as many again are held out to score it)."""
+    width_multiple: int = 1
+    """Kept FFN widths and kept heads x head_dim multiples of this (32 for llama.cpp's q4_0/q8_0 blocks,
+    256 for k-quants), the budget re-balanced over the layers; 1 = off (``pruning.width``)."""
 
     def __post_init__(self):
         if self.layer_fraction != "auto" and not 0.0 <= float(self.layer_fraction) <= 1.0:
@@ -125,6 +129,7 @@ class CompOptions:
         require_int("auto_nsamples", self.auto_nsamples, 1)
         for c in self.auto_candidates:
             require_number("auto_candidates[]", c, 0.0, 1.0)
+        self.width_multiple = check_width_option(self.width_multiple)
 
 
 def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torch.Tensor:
@@ -347,7 +352,7 @@ def comp_prune(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: C
     importance = [bi[i] for i in kept] if (bi is not None and opts.allocation_strength > 0) else None
     targets = neuron_targets(adapter, list(range(len(kept))), int(budget - layer_params), opts.head_sparsity,
                              importance=importance, strength=opts.allocation_strength,
-                             cap=opts.max_layer_sparsity)
+                             cap=opts.max_layer_sparsity, width_multiple=opts.width_multiple)
     fine = prune_neurons_layerwise(adapter, ids, removed, targets, opts, dense_layers)
     return {"removed_layers": removed, "block_influence": bi, "layer_fraction": float(opts.layer_fraction),
             "auto_trials": trials, **fine}

@@ -29,6 +29,7 @@ from ..bias_compensation import removed_mean_contribution
 from ..budget import LayerTarget, channel_cost, check_ratio, kv_head_cost, query_head_cost
 from ..criteria.units import activation_moments, fluctuation_scores
 from ..selection import choose_heads
+from ..width import check_option as check_width_option, gqa_head_counts, head_multiple, head_stops, removal_blocks
 from .common import zscore
 from .presets import check_preset
 from .wanda_sp import BatchOptions
@@ -43,12 +44,16 @@ class FlapOptions(BatchOptions):
     preset: str = "project"
     """'project' (scores standardised per layer) or 'official' (FLAP repository's AL-AM: standardised over all
     layers per unit type, one global threshold, 1024 x 128 calibration)"""
+    width_multiple: int = 1
+    """kept FFN widths and kept heads x head_dim multiples of this (32: q4_0/q8_0 blocks, 256: k-quants); 1 = off;
+    preset 'project' only (the global walk then takes channels and heads in blocks scored by their mean)"""
 
     OFFICIAL_CALIBRATION: ClassVar[dict[str, int]] = {"nsamples": 1024, "seq_len": 128}
 
     def __post_init__(self):
         super().__post_init__()
         check_preset(self.preset)
+        self.width_multiple = check_width_option(self.width_multiple, self.preset)
 
 
 def standardised(scores: list[tuple[torch.Tensor, torch.Tensor]], across_layers: bool
@@ -64,12 +69,16 @@ def standardised(scores: list[tuple[torch.Tensor, torch.Tensor]], across_layers:
     return list(zip(*out))
 
 
-def _candidate_units(adapter: DecoderAdapter, zscores: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+def _candidate_units(adapter: DecoderAdapter, zscores: list[tuple[torch.Tensor, torch.Tensor]],
+                     width_multiple: int = 1) -> list[tuple]:
     """``(standardised score, cost, layer, kind, index)`` of every removable unit, weakest first
     (``zscores``: per layer ``(heads, channels)`` from :func:`standardised`).
 
     Heads go in GQA "slots": the k-th weakest head of every KV group, removed together and in order.
+    ``width_multiple > 1``: :func:`_block_units` instead.
     """
+    if width_multiple > 1:
+        return _block_units(adapter, zscores, width_multiple)
     units = []
     for i, layer in enumerate(adapter.layers):
         zh, zc = zscores[i]
@@ -89,12 +98,49 @@ def _candidate_units(adapter: DecoderAdapter, zscores: list[tuple[torch.Tensor, 
     return units
 
 
+def _block_units(adapter: DecoderAdapter, zscores, n: int) -> list[tuple]:
+    """FLAP's units for ``width_multiple = n`` (:mod:`fedprune.pruning.width`): a layer's channels, weakest
+    first, in the blocks that keep its width a multiple of ``n`` (``index``: ``(k, channels)``, the
+    layer's k-th block), and its head units (slots, or heads under multi-head attention) merged
+    into runs that end where the kept heads x head_dim is a multiple of ``n`` (``index``:
+    ``(k, units)``; single units where no count can be). Each scores the mean of its units and
+    must be taken in order."""
+    units = []
+    m = head_multiple(n, adapter.head_dim)
+    for i, layer in enumerate(adapter.layers):
+        zh, zc = zscores[i]
+        ccost = channel_cost(adapter, layer)
+        order = torch.argsort(zc)
+        start = 0
+        for k, b in enumerate(removal_blocks(len(zc), n)):
+            idx = order[start:start + b]
+            units.append((float(zc[idx].mean()), b * ccost, i, "cblock", (k, idx.tolist())))
+            start += b
+        g, n_kv = adapter.group_size(layer), adapter.num_kv_heads(layer)
+        if g > 1:
+            seq = zh.reshape(n_kv, g).sort(dim=1).values.mean(0)[: g - 1]  # slot k: k-th weakest of every group
+            ucost = n_kv * query_head_cost(adapter, layer)
+            kind = "sblock"
+        else:
+            seq = zh.sort().values[:-1]
+            ucost = query_head_cost(adapter, layer) + kv_head_cost(adapter, layer)
+            kind = "hblock"
+        stops = head_stops(gqa_head_counts(adapter.num_heads(layer), n_kv), m) or list(range(1, len(seq) + 1))
+        prev = 0
+        for k, stop in enumerate(stops):
+            units.append((float(seq[prev:stop].mean()), (stop - prev) * ucost, i, kind, (k, stop - prev)))
+            prev = stop
+    units.sort(key=lambda u: u[0])
+    return units
+
+
 def _global_targets(adapter: DecoderAdapter, units: list[tuple], budget: float) -> tuple[list[LayerTarget], list[list[int]]]:
     """Walk the units weakest first until ``budget`` parameters are removed."""
     removed_params = 0
     targets = [LayerTarget(0, 0, 0) for _ in adapter.layers]
     drop_chans: list[list[int]] = [[] for _ in adapter.layers]
     slots_taken = [0] * adapter.num_layers
+    blocks_taken = {kind: [0] * adapter.num_layers for kind in ("cblock", "sblock", "hblock")}
     for score, cost, i, kind, j in units:
         if removed_params + cost / 2 > budget:
             continue
@@ -109,6 +155,18 @@ def _global_targets(adapter: DecoderAdapter, units: list[tuple], budget: float) 
                 continue  # slots must go weakest-first
             slots_taken[i] += 1
             targets[i].heads_per_group += 1
+        elif kind in blocks_taken:  # width_multiple: blocks go in order too
+            k, what = j
+            if k != blocks_taken[kind][i]:
+                continue
+            blocks_taken[kind][i] += 1
+            if kind == "cblock":
+                drop_chans[i] += what
+                targets[i].channels += len(what)
+            elif kind == "sblock":
+                targets[i].heads_per_group += what
+            else:
+                targets[i].groups += what
         else:
             targets[i].groups += 1
         removed_params += cost
@@ -123,7 +181,7 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
     hd = adapter.head_dim
     scores = [fluctuation_scores(adapter, layer, mom[i]) for i, layer in enumerate(adapter.layers)]
     zscores = standardised(scores, across_layers=opts.preset == "official")
-    targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, zscores),
+    targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, zscores, opts.width_multiple),
                                           ratio * adapter.num_parameters())
     report = []
     for i in range(adapter.num_layers):

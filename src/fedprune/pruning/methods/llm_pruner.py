@@ -28,6 +28,7 @@ from ...options import require_int
 from ..budget import check_ratio, neuron_targets
 from ..criteria.units import taylor_scores
 from ..selection import apply_scores
+from ..width import check_option as check_width_option
 from .presets import check_preset
 from .wanda_sp import BatchOptions, lowest_channels_kept, lowest_groups
 
@@ -45,12 +46,16 @@ class LlmPrunerOptions(BatchOptions):
     preset: str = "project"
     """'project' (meet the requested share of all parameters) or 'official' (LLM-Pruner repository: r as each pruned
     layer's own ratio, whole KV groups, 10 x 64 calibration)"""
+    width_multiple: int = 1
+    """kept FFN widths and kept heads x head_dim multiples of this (32: q4_0/q8_0 blocks, 256: k-quants); 1 = off;
+    preset 'project' only"""
 
     OFFICIAL_CALIBRATION: ClassVar[dict[str, int]] = {"nsamples": 10, "seq_len": 64}
 
     def __post_init__(self):
         super().__post_init__()
         check_preset(self.preset)
+        self.width_multiple = check_width_option(self.width_multiple, self.preset)
         require_int("first_layer", self.first_layer, 0)
         require_int("last_layer_offset", self.last_layer_offset, 0)
 
@@ -63,7 +68,9 @@ def prune_llm_pruner(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, o
     layer_ids = list(range(first, max(n - opts.last_layer_offset, first + 1)))
     if opts.preset == "official":
         return _prune_official(adapter, scores, layer_ids, ratio)
-    targets = neuron_targets(adapter, layer_ids, int(ratio * adapter.num_parameters()))
+    targets = neuron_targets(adapter, layer_ids, int(ratio * adapter.num_parameters()),
+                             width_multiple=opts.width_multiple,
+                             channel_scores=[scores[i][1] for i in layer_ids] if opts.width_multiple > 1 else None)
     report = []
     for i, tgt in zip(layer_ids, targets):
         info = apply_scores(adapter, i, tgt, scores[i][0], scores[i][1])

@@ -23,6 +23,7 @@ from ...adapters import DecoderAdapter
 from ...options import require_int
 from ..budget import check_ratio
 from ..criteria.units import activation_moments, wanda_sp_scores
+from ..width import check_option as check_width_option
 from .common import prune_units_uniformly
 from .presets import check_preset
 
@@ -45,12 +46,16 @@ class WandaSpOptions(BatchOptions):
     preset: str = "project"
     """'project' (requested share of all parameters, heads per KV group) or 'official' (FLAP repository's
     prune_wanda_sp: int(r * width) channels and int(r * KV groups) whole groups per layer, 128 x 128 calibration)"""
+    width_multiple: int = 1
+    """kept FFN widths and kept heads x head_dim multiples of this (32: q4_0/q8_0 blocks, 256: k-quants); 1 = off;
+    preset 'project' only"""
 
     OFFICIAL_CALIBRATION: ClassVar[dict[str, int]] = {"nsamples": 128, "seq_len": 128}
 
     def __post_init__(self):
         super().__post_init__()
         check_preset(self.preset)
+        self.width_multiple = check_width_option(self.width_multiple, self.preset)
 
 
 def lowest_groups(head_scores: torch.Tensor, n_kv: int, n_drop: int) -> list[int]:
@@ -87,4 +92,5 @@ def prune_wanda_sp(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opt
     mom = activation_moments(adapter, ids, opts.batch_size)
     if getattr(opts, "preset", "project") == "official":
         return _prune_official(adapter, ratio, mom)
-    return prune_units_uniformly(adapter, ratio, lambda i: wanda_sp_scores(adapter, adapter.layers[i], mom[i]))
+    return prune_units_uniformly(adapter, ratio, lambda i: wanda_sp_scores(adapter, adapter.layers[i], mom[i]),
+                                 getattr(opts, "width_multiple", 1))
