@@ -116,6 +116,25 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             raise
 
 
+@contextlib.contextmanager
+def scratch_file(path: str | os.PathLike, tag: str = "scratch") -> Iterator[Path]:
+    """Yield the name of a temporary sibling of ``path`` for an intermediate file (e.g. the f16 file a
+    quantizer reads), removed when the block ends, whatever happens. Named like the temporaries of
+    :func:`atomic_file` (``tag``: lower-case letters, digits, ``_``), so :func:`sweep_stale` removes one
+    that a writer killed harder left behind."""
+    if not re.fullmatch(r"[0-9a-z_]+", tag):
+        raise ValueError(f"scratch tag {tag!r}: use lower-case letters, digits and _")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_tmp_prefix(path.name)}{secrets.token_hex(4)}_{tag}.tmp"
+    with _sigterm_raises():
+        try:
+            yield tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path) as tmp, open(tmp, "xb") as fh:
         fh.write(data)
@@ -258,19 +277,39 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         term["defer"] = True  # the swap must not be cut in two; a SIGTERM now is raised after it
-        old = None
         try:
-            if os.path.lexists(path):
-                old = path.with_name(f".{path.name}.old-{os.getpid()}-{host_tag()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
+            _swap(tmp, path)
         except BaseException:
-            if old is not None and not os.path.lexists(path):
-                os.replace(old, path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
+
+
+def _swap(src: Path, path: Path) -> None:
+    """Rename ``src`` onto ``path``; what was at ``path`` is moved aside first (``.NAME.old-<pid>-<host>``,
+    which :func:`sweep_stale` restores if this process dies before the rename) and deleted after."""
+    old = None
+    try:
+        if os.path.lexists(path):
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{host_tag()}")
+            os.replace(path, old)
+        os.replace(src, path)
+    except BaseException:
+        if old is not None and not os.path.lexists(path):
+            os.replace(old, path)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def swap_directory(src: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished directory ``src`` (a sibling of ``path``, kept by the caller across runs, e.g. a
+    resumable partial output) at ``path`` in one rename, as :func:`atomic_directory` does at its end;
+    SIGTERM waits until the swap is done. On failure ``src`` is left as it was."""
+    src, path = Path(src), Path(path)
+    sweep_stale(path)
+    with _sigterm_raises() as term:
+        term["defer"] = True
+        _swap(src, path)

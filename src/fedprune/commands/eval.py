@@ -3,6 +3,10 @@
 ``--output OUT`` is written once, atomically, when every task is done, with ``"complete": true``.
 While running, the results so far go to ``OUT.partial`` with ``"complete": false`` (and, if the run
 fails, ``"error"``), so a failed run never replaces a previous complete ``OUT`` with a partial one.
+
+``--backend llama.cpp`` evaluates a ``.gguf`` file in llama.cpp itself (perplexity tasks only,
+``fedprune.deploy.llamacpp_eval``); the default ``torch`` backend de-quantises a ``.gguf`` file to
+float weights and runs PyTorch.
 """
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu", type=device_option(),
                    help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--backend", default="torch", choices=["torch", "llama.cpp"],
+                   help="torch (default; a .gguf file is de-quantised) or llama.cpp (a .gguf file run by llama.cpp, "
+                        "perplexity tasks only; --dtype, --batch-size and --ppl-batch-size do not apply)")
+    p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads (--backend llama.cpp)")
     p.add_argument("--output", default=None,
                    help="write the results JSON here when every task is done (progress goes to OUTPUT.partial)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -126,6 +134,27 @@ class _ProgressWriter:
         partial_path(self.output).unlink(missing_ok=True)
 
 
+def _check_llamacpp_args(args, tasks: list[str]) -> None:
+    """--backend llama.cpp: a .gguf file on the CPU, perplexity tasks only (zero-shot ones refused by name)."""
+    from ..data.catalog import check_data_dir
+    from ..deploy.llamacpp import require_llama_cpp
+    from ..deploy.llamacpp_eval import check_llamacpp_tasks
+    from ..evaluate.harness import check_eval_args
+
+    if args.lora:
+        raise ValueError("--lora evaluates a merged PyTorch model; export it (fedprune export --lora RUN_DIR) and "
+                         "give the .gguf file with --backend llama.cpp, or drop --backend llama.cpp")
+    if args.model is None or not str(args.model).endswith(".gguf"):
+        raise ValueError(f"--backend llama.cpp runs a .gguf file; --model {args.model} is not one "
+                         "(fedprune export writes one)")
+    if str(args.device).lower().startswith("cuda"):
+        raise ValueError(f"--device {args.device}: llama.cpp runs on the CPU here; drop --device or use --backend torch")
+    check_llamacpp_tasks(tasks)
+    require_llama_cpp("--backend llama.cpp")
+    check_data_dir(args.data_dir)
+    check_eval_args(tasks, args.seq_len, args.limit, args.batch_size, args.ppl_batch_size, None, OPTION_NAMES)
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -134,11 +163,28 @@ def run(args) -> int:
     from ..outputs import check_file_output
 
     tasks = parse_tasks(args.tasks)  # fail on a typo before loading the model
-    resolve_model_args(args)
-    _check_settings(args, tasks)  # and on a window longer than the model's context
+    if args.backend == "llama.cpp":
+        _check_llamacpp_args(args, tasks)
+    else:
+        resolve_model_args(args)
+        _check_settings(args, tasks)  # and on a window longer than the model's context
     if args.output:  # and on an output that cannot or must not be written
         check_file_output(args.output, args.overwrite)
     writer = _ProgressWriter(args.output)
+    if args.backend == "llama.cpp":
+        from ..deploy.llamacpp_eval import evaluate_gguf
+
+        try:
+            result = evaluate_gguf(args.model, tasks, seq_len=args.seq_len, limit=args.limit, data_dir=args.data_dir,
+                                   n_threads=args.threads, name=str(args.model),
+                                   on_result=writer.progress if args.output else None)
+        except BaseException as exc:
+            writer.failed(exc)
+            raise
+        Console().print(results_table(result))
+        if args.output:
+            writer.done(result)
+        return 0
     if args.lora:
         from ..federated.merged import load_merged_run
 

@@ -4,7 +4,7 @@
 installed ``lm_eval/tasks/...``) with the dataset replaced by the given records, so lm-eval's
 ``doc_to_text`` / ``doc_to_choice`` / ``process_results`` run offline on exactly the examples
 fedprune scores. Used by the tests and ``benchmarks/eval/run_baseline.py``; needs the
-optional ``lm-eval`` package.
+``eval`` extra (``pip install 'fedprune[eval]'``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def lm_eval_task(task: str, records: list[dict]):
     Local HellaSwag records are already preprocessed (``query``/``choices``/``gold``), so
     lm-eval's ``process_docs`` is skipped for them; hub-shaped records go through it.
     """
+    from ..extras import require
+
+    lm_eval = require("lm_eval", "running lm-evaluation-harness's task code")
     import datasets
-    import lm_eval
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
