@@ -31,19 +31,12 @@ def _uniform_sizes(plan: PrunePlan):
     return shapes.pop() if len(shapes) == 1 else None
 
 
-def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None,
-               overwrite: bool = False) -> Path:
-    """Save ``model`` (pruned or not) to ``directory`` atomically; returns the path.
-
-    An existing file or non-empty directory at ``directory`` (a previous model included) is
-    replaced only with ``overwrite=True``; the current directory, its parents and home
-    directories never are (:func:`fedprune.outputs.check_model_output`).
-    """
-    from ..outputs import check_model_output, model_output_lock
-
+def checkpoint_config(model, extra: dict | None = None):
+    """``(config, record)``: a copy of the config with the pruned sizes when every kept layer shares
+    them (``record["hf_loadable"]``: plain ``from_pretrained`` loads the directory then), and the
+    ``plan.json`` record (the plan, updated with ``extra``)."""
     adapter = get_adapter(model)
     plan = adapter.plan
-    directory = Path(directory)
     config = copy.deepcopy(model.config)
     uniform = _uniform_sizes(plan)
     if uniform is not None:
@@ -55,9 +48,25 @@ def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict 
     record["hf_loadable"] = uniform is not None
     if extra:
         record.update(extra)
+    return config, record
+
+
+def save_model(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Save ``model`` (pruned or not) to ``directory`` atomically; returns the path.
+
+    An existing file or non-empty directory at ``directory`` (a previous model included) is
+    replaced only with ``overwrite=True``; the current directory, its parents and home
+    directories never are (:func:`fedprune.outputs.check_model_output`).
+    """
+    from ..outputs import check_model_output, model_output_lock
+
+    directory = Path(directory)
+    config, record = checkpoint_config(model, extra)
+    uniform = record["hf_loadable"]  # the config copy says the pruned sizes
     with model_output_lock(directory), atomic.atomic_directory(check_model_output(directory, overwrite)) as tmp:
         original = model.config
-        model.config = config if uniform is not None else original
+        model.config = config if uniform else original
         try:
             model.save_pretrained(tmp, safe_serialization=True)
         finally:

@@ -221,17 +221,29 @@ def _hub_error(spec: str, exc: Exception) -> RuntimeError:
 
 
 def load_model(spec: str | os.PathLike = "smollm2-135m", dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", weight_offload: str = "none"):
     """Load a causal LM from ``spec`` (see module docstring), ready for inference (``eval()``),
     in ``dtype`` (float32, bfloat16 or float16) on ``device`` (cpu, cuda, cuda:N or auto; see
-    ``fedprune.models.device.resolve_device``, checked before any weights load)."""
+    ``fedprune.models.device.resolve_device``, checked before any weights load).
+
+    ``weight_offload="cpu"|"disk"``: a skeleton whose decoder layers are streamed one at a time by a
+    layer-wise pruner (:mod:`fedprune.models.streaming`: held in host memory, or memory-mapped from
+    the safetensors files); it needs a local safetensors directory (a known name or ``.gguf`` is
+    converted to one first). ``"none"`` (default): the whole model, as before."""
     from ..adapters import get_adapter
     from .checkpoint import PLAN_FILE, load_checkpoint
     from .device import resolve_device
+    from .streaming import check_weight_offload, load_streamed
 
     torch_dtype = parse_dtype(dtype)
     device = resolve_device(device)
+    weight_offload = check_weight_offload(weight_offload)
     where = resolve_model_dir(spec)
+    if weight_offload != "none":
+        if not isinstance(where, Path):
+            raise ValueError(f"weight_offload={weight_offload!r} streams the weights from local safetensors files; "
+                             f"{spec!r} is a hub id: download it to a directory first")
+        return load_streamed(where, torch_dtype, device, weight_offload, str(spec))
     if isinstance(where, Path) and (where / PLAN_FILE).exists():
         model = load_checkpoint(where, dtype=torch_dtype)
     else:

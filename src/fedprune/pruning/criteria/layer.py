@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ...adapters import DecoderAdapter
 from ..activations import release_free_memory
 from ..layerwise import capture_layer0_stream, run_layer
+from ..streamed import digest, layer_weights, saved_state
 
 
 def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -30,19 +31,27 @@ def block_influence_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_siz
     """BI of every decoder layer on calibration ``ids`` ``[N, L]``, one layer at a time.
 
     Batch by batch: ``BI = 1 - mean_t cos`` is accumulated as a token-weighted mean, and each
-    batch's output overwrites its input in the stream (one ``N x L x d`` buffer in all).
+    batch's output overwrites its input in the stream (one ``N x L x d`` buffer in all). A streamed
+    model (``weight_offload``) has one layer materialised at a time, and the scores are saved with
+    its partial output (a resumed prune loads them).
     """
+    return saved_state(adapter, f"block_influence-{digest(ids)}-{batch_size}",
+                       lambda: _block_influence_scores(adapter, ids, batch_size, offload, scratch_dir))
+
+
+def _block_influence_scores(adapter, ids, batch_size, offload, scratch_dir) -> list[float]:
     x, kw = capture_layer0_stream(adapter, ids, batch_size, offload, scratch_dir)
     scores = []
     with x:
-        for layer in tqdm(adapter.layers, desc="block influence", leave=False):
+        for layer in tqdm(list(adapter.layers), desc="block influence", leave=False):
             total, count = 0.0, 0
-            for b, xb in x.batches():
-                yb = run_layer(layer, xb, kw, batch_size)
-                tokens = xb.shape[0] * xb.shape[1]
-                total += float(block_influence(xb, yb)) * tokens
-                count += tokens
-                x.write(b, yb)
+            with layer_weights(adapter, layer):
+                for b, xb in x.batches():
+                    yb = run_layer(layer, xb, kw, batch_size)
+                    tokens = xb.shape[0] * xb.shape[1]
+                    total += float(block_influence(xb, yb)) * tokens
+                    count += tokens
+                    x.write(b, yb)
             scores.append(total / count)
     release_free_memory()
     return scores

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ...adapters import DecoderAdapter
 from ..layerwise import capture_layer0_inputs, hooks, run_layer
+from ..streamed import digest, layer_weights, saved_state
 from ..stats import flat_tokens
 
 
@@ -29,10 +30,16 @@ def per_head(col_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
 @torch.no_grad()
 def activation_moments(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """Per layer: mean, second moment and variance of every input column of ``o_proj`` and
-    ``ffn_out`` (keys ``attn_mean``, ``attn_sq``, ``attn_var``, ``ffn_*``), one dense pass."""
+    ``ffn_out`` (keys ``attn_mean``, ``attn_sq``, ``attn_var``, ``ffn_*``), one dense pass (one layer
+    materialised at a time on a streamed model, whose partial output saves the moments for a resume)."""
+    return saved_state(adapter, f"activation_moments-{digest(ids)}-{batch_size}",
+                       lambda: _activation_moments(adapter, ids, batch_size))
+
+
+def _activation_moments(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     inp = capture_layer0_inputs(adapter, ids, batch_size)
     x, out = inp.hidden, []
-    for layer in tqdm(adapter.layers, desc="activation statistics", leave=False):
+    for layer in tqdm(list(adapter.layers), desc="activation statistics", leave=False):
         acc: dict[str, Any] = {}
 
         def add(name):
@@ -45,7 +52,8 @@ def activation_moments(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: i
                 acc[name + "_n"] = acc.get(name + "_n", 0) + h.shape[0]
             return fn
 
-        with hooks([(adapter.o_proj(layer), add("attn")), (adapter.ffn_out(layer), add("ffn"))]):
+        with layer_weights(adapter, layer), hooks([(adapter.o_proj(layer), add("attn")),
+                                                   (adapter.ffn_out(layer), add("ffn"))]):
             x = run_layer(layer, x, inp.kwargs, batch_size)
         moments = {}
         for name in ("attn", "ffn"):

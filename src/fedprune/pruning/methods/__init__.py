@@ -34,6 +34,9 @@ class PruningMethod:
     """one line for ``fedprune prune --help``"""
     whole_layers: bool = False
     """removes whole layers only: the achieved ratio moves in steps of one layer"""
+    whole_model: str | None = None
+    """why the method needs the whole model in memory at once (it then refuses ``weight_offload``
+    ``cpu``/``disk``, naming this); None: it works layer by layer (``pruning.streamed``)"""
     ratio_tolerance: float = 0.02
     """|achieved - asked| ratio on a model with a few hundred units per layer (plus one layer's
     share for ``whole_layers`` methods); the contract tests hold every method to it"""
@@ -54,11 +57,15 @@ BUILTIN = (
     PruningMethod("flap", prune_flap, FlapOptions,
                   "FLAP: fluctuation metric, global adaptive structure, bias compensation"),
     PruningMethod("llm_pruner", prune_llm_pruner, LlmPrunerOptions,
-                  "LLM-Pruner: first-order Taylor importance of coupled groups (needs gradients)"),
+                  "LLM-Pruner: first-order Taylor importance of coupled groups (needs gradients)",
+                  whole_model="needs gradients of the calibration loss through the whole model (a backward pass "
+                              "holds every layer's weights and activations at once)"),
     PruningMethod("shortgpt", prune_shortgpt, BatchOptions,
                   "ShortGPT: remove the layers with the lowest Block Influence", whole_layers=True),
     PruningMethod("sleb", prune_sleb, SlebOptions,
-                  "SLEB: remove layers one by one, each raising calibration NLL least", whole_layers=True),
+                  "SLEB: remove layers one by one, each raising calibration NLL least", whole_layers=True,
+                  whole_model="scores every candidate removal by the whole model's calibration loss (all layers, "
+                              "many times over)"),
 )
 
 METHODS: Registry[PruningMethod] = Registry("pruning method")

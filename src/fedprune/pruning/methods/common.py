@@ -8,6 +8,7 @@ import torch
 from ...adapters import DecoderAdapter
 from ..budget import layers_for_params, neuron_targets
 from ..selection import apply_scores
+from ..streamed import finish_layer, load_layer, per_layer, resumed_layer, saved_state
 
 
 def prune_units_uniformly(adapter: DecoderAdapter, ratio: float,
@@ -19,14 +20,21 @@ def prune_units_uniformly(adapter: DecoderAdapter, ratio: float,
     score of its marginal block of channels (``budget.neuron_targets``, ``pruning.width``)."""
     total = adapter.num_parameters()
     layer_ids = list(range(adapter.num_layers))
-    scores = [score_fn(i) for i in layer_ids] if width_multiple > 1 else None
+    scores = saved_state(adapter, "unit_scores", lambda: per_layer(adapter, lambda i, _layer: score_fn(i))) \
+        if width_multiple > 1 else None
     targets = neuron_targets(adapter, layer_ids, int(ratio * total), width_multiple=width_multiple,
                              channel_scores=[cs for _, cs in scores] if scores is not None else None)
     report = []
     for i, tgt in enumerate(targets):
-        hs, cs = score_fn(i) if scores is None else scores[i]
-        report.append({"layer": i, **{k: (len(v) if isinstance(v, list) else v)
-                                       for k, v in apply_scores(adapter, i, tgt, hs, cs).items()}})
+        layer = adapter.layers[i]
+        entry = resumed_layer(adapter, layer)  # streamed and resumed: written before the interruption
+        if entry is None:
+            load_layer(adapter, layer)  # streamed: materialised until finish_layer
+            hs, cs = score_fn(i) if scores is None else scores[i]
+            entry = {"layer": i, **{k: (len(v) if isinstance(v, list) else v)
+                                    for k, v in apply_scores(adapter, i, tgt, hs, cs).items()}}
+            finish_layer(adapter, layer, entry)
+        report.append(entry)
     return {"layers": report}
 
 

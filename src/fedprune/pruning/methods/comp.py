@@ -14,6 +14,9 @@
 Memory: two ``N x L x d`` hidden-state streams (dense and pruned; plus the dense layer's
 post-attention residual when heads are pruned), held batch by batch and spilled to a scratch
 file at large calibration sizes (``activations.HiddenStream``), one ``k x k`` system at a time.
+With ``weight_offload`` (``pruning.streamed``) the weights are streamed too, in two passes: step 1's
+Block Influence over the dense layers, then steps 2-3 layer by layer, each kept layer materialised,
+pruned, mask-tuned and written to the output before the next one loads.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from ..layerwise import advance_stream, capture_layer0_stream, final_logits_nll,
 from ..selection import choose_heads, heads_removed
 from ..mask_tuning import MaskFit, fit_scales, fold_column_scales, system_error
 from ..stats import GramAccumulator, flat_tokens, linear_bias
+from ..streamed import finish_layer, layer_weights, load_layer, original_weights, resumed_layer
 from ..width import check_option as check_width_option
 from ...options import require_int, require_number
 
@@ -130,6 +134,14 @@ class CompOptions:
         for c in self.auto_candidates:
             require_number("auto_candidates[]", c, 0.0, 1.0)
         self.width_multiple = check_width_option(self.width_multiple)
+
+    def whole_model(self) -> str | None:
+        """Why these options need the whole model in memory (``weight_offload`` refuses them), or None."""
+        if self.layer_metric == "sleb":
+            return "scores layer removals (layer_metric='sleb') by the whole model's calibration loss"
+        if self.layer_fraction == "auto":
+            return "picks layer_fraction='auto' by pruning copies of the whole model"
+        return None
 
 
 def _head_rank_scores(criterion: str, stats, n_remove: int, damp: float) -> torch.Tensor:
@@ -228,9 +240,20 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
     kept_pos = 0
     for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
         if orig_i in removed_layers:
-            advance_stream(dense_layer, x_dense, kw)  # the dense stream still passes through it
+            with layer_weights(adapter, dense_layer):
+                advance_stream(dense_layer, x_dense, kw)  # the dense stream still passes through it
             continue
         layer = dense_layer  # the same module: kept layers are pruned in place
+        done = resumed_layer(adapter, layer)
+        if done is not None:  # a resumed streamed prune: pruned and written before the interruption
+            with original_weights(adapter, layer) as dense:
+                advance_stream(dense, x_dense, kw)
+            with layer_weights(adapter, layer):
+                advance_stream(layer, x_pruned, kw)
+            report.append(done)
+            kept_pos += 1
+            continue
+        load_layer(adapter, layer)  # streamed: materialised until finish_layer
         tgt = targets[kept_pos]
         entry: dict[str, Any] = {"layer": orig_i}
         prune_heads = bool(tgt.heads_per_group or tgt.groups)
@@ -303,6 +326,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             if opts.mask_tuning:
                 entry["ffn_mask"] = _mask_tune(adapter, kept_pos, "ffn_out", accs[0], accs[1], acc, keep, opts)
         advance_stream(layer, x_pruned, kw)
+        finish_layer(adapter, layer, entry)  # streamed: written to the output and released
         report.append(entry)
         kept_pos += 1
         release_free_memory()  # this layer's temporaries must not add to the next layer's peak

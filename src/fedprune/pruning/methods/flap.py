@@ -30,6 +30,7 @@ from ..budget import LayerTarget, channel_cost, check_ratio, kv_head_cost, query
 from ..criteria.units import activation_moments, fluctuation_scores
 from ..selection import choose_heads
 from ..width import check_option as check_width_option, gqa_head_counts, head_multiple, head_stops, removal_blocks
+from ..streamed import finish_layer, load_layer, per_layer, resumed_layer, saved_state
 from .common import zscore
 from .presets import check_preset
 from .wanda_sp import BatchOptions
@@ -179,13 +180,19 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
     check_ratio(ratio)
     mom = activation_moments(adapter, ids, opts.batch_size)
     hd = adapter.head_dim
-    scores = [fluctuation_scores(adapter, layer, mom[i]) for i, layer in enumerate(adapter.layers)]
+    scores = saved_state(adapter, "flap_scores",
+                         lambda: per_layer(adapter, lambda i, layer: fluctuation_scores(adapter, layer, mom[i])))
     zscores = standardised(scores, across_layers=opts.preset == "official")
     targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, zscores, opts.width_multiple),
                                           ratio * adapter.num_parameters())
     report = []
     for i in range(adapter.num_layers):
         layer = adapter.layers[i]
+        entry = resumed_layer(adapter, layer)  # streamed and resumed: written before the interruption
+        if entry is not None:
+            report.append(entry)
+            continue
+        load_layer(adapter, layer)  # streamed: materialised until finish_layer
         hs, cs = scores[i]
         keep_c = [c for c in range(len(cs)) if c not in set(drop_chans[i])]
         keep_h = choose_heads(adapter, layer, hs, targets[i])
@@ -204,5 +211,7 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
         for site, delta in deltas:
             if delta is not None:
                 adapter.add_output_bias(i, site, delta)
-        report.append({"layer": i, "heads_kept": adapter.num_heads(layer), "channels_kept": len(keep_c)})
+        entry = {"layer": i, "heads_kept": adapter.num_heads(layer), "channels_kept": len(keep_c)}
+        finish_layer(adapter, layer, entry)
+        report.append(entry)
     return {"layers": report, "bias_compensation": opts.bias_compensation, "preset": opts.preset}

@@ -24,6 +24,7 @@ from ...options import require_int
 from ..budget import check_ratio
 from ..criteria.units import activation_moments, wanda_sp_scores
 from ..width import check_option as check_width_option
+from ..streamed import finish_layer, load_layer, resumed_layer
 from .common import prune_units_uniformly
 from .presets import check_preset
 
@@ -73,7 +74,12 @@ def lowest_channels_kept(channel_scores: torch.Tensor, n_drop: int) -> list[int]
 
 def _prune_official(adapter: DecoderAdapter, ratio: float, mom) -> dict[str, Any]:
     report = []
-    for i, layer in enumerate(adapter.layers):
+    for i, layer in enumerate(list(adapter.layers)):
+        entry = resumed_layer(adapter, layer)  # streamed and resumed: written before the interruption
+        if entry is not None:
+            report.append(entry)
+            continue
+        load_layer(adapter, layer)  # streamed: materialised until finish_layer
         hs, cs = wanda_sp_scores(adapter, layer, mom[i])
         n_kv, width = adapter.num_kv_heads(layer), adapter.intermediate_size(layer)
         groups = min(int(ratio * n_kv), n_kv - 1)
@@ -82,8 +88,10 @@ def _prune_official(adapter: DecoderAdapter, ratio: float, mom) -> dict[str, Any
             adapter.prune_heads(i, lowest_groups(hs, n_kv, groups))
         if channels:
             adapter.prune_ffn_channels(i, lowest_channels_kept(cs, channels))
-        report.append({"layer": i, "kv_groups_removed": groups, "heads_kept": adapter.num_heads(layer),
-                       "channels_kept": adapter.intermediate_size(layer)})
+        entry = {"layer": i, "kv_groups_removed": groups, "heads_kept": adapter.num_heads(layer),
+                 "channels_kept": adapter.intermediate_size(layer)}
+        finish_layer(adapter, layer, entry)
+        report.append(entry)
     return {"layers": report, "preset": "official"}
 
 
