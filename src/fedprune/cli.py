@@ -13,6 +13,8 @@ import importlib.util
 import logging
 import sys
 
+from .extras import MissingExtraError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fedprune.commands.info", "show a model's architecture, adapter and parameter count"),
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = importlib.import_module(args._module).run(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        # Errors raised by fedprune name the problem; show them without a traceback.
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, MissingExtraError) as exc:
+        # Errors raised by fedprune name the problem (a missing extra: which one to install); show them
+        # without a traceback.
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
