@@ -124,7 +124,20 @@ def stage_prune(args, record: dict) -> None:
     for name, how in model_plan(args).items():
         info = record["models"].setdefault(name, {})
         info.update(how)
-        if how["method"] is None or (Path(args.work) / name / "plan.json").exists():
+        if how["method"] is None:
+            continue
+        plan_file = Path(args.work) / name / "plan.json"
+        if plan_file.exists():  # reused: it must have been pruned the way this run asks
+            plan = json.loads(plan_file.read_text())
+            got = (plan["pruning"]["method"], plan["pruning"]["ratio"], plan["calibration"]["corpus"],
+                   plan["calibration"]["nsamples"], plan["calibration"]["seq_len"], plan["calibration"]["seed"],
+                   plan.get("options") or {})
+            want = (how["method"], how["ratio"], "c4", args.nsamples, args.seq_len, 0, how["options"])
+            if got != want:
+                raise SystemExit(f"{plan_file} was pruned with {got}, this run asks for {want}: move it away")
+            info.update(achieved_ratio=plan["pruning"]["achieved_ratio"],
+                        prune_wall_s=round(plan["pruning"]["wall_time_s"], 1),
+                        calibration=f"c4 {args.nsamples} x {args.seq_len}, seed 0")
             continue
         tok = fedprune.load_tokenizer(BASE)
         model = fedprune.load_model(BASE)
