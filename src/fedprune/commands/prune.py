@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights' dtype (statistics accumulate in float32 or float64 whatever it is)")
     p.add_argument("--device", default="cpu", type=device_option(),
                    help="cpu, cuda, cuda:N or auto (CUDA when available): where the model prunes")
+    p.add_argument("--weight-offload", default="none", choices=["none", "cpu", "disk"],
+                   help="stream the decoder layers one at a time (models larger than memory): 'disk' memory-maps "
+                        "them from the safetensors files, 'cpu' holds them in host memory; only the current layer "
+                        "is on --device. The output is written layer by layer and a rerun with the same arguments "
+                        "resumes an interrupted prune. comp, wanda_sp, flap, shortgpt, magnitude (not COMP's "
+                        "layer_metric=sleb or layer_fraction=auto). Distinct from COMP's -o offload= (hidden states)")
     p.add_argument("--layer-fraction", type=fraction_or_auto, default=None,
                    help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
     p.add_argument("--neuron-metric", default=None, metavar="{" + ",".join(NEURON_CRITERIA.names()) + "}",
@@ -107,6 +113,10 @@ def check_before_loading(args) -> dict:
     from ..pruning.methods import calibration_sizes
 
     method_opts = method_options(args.method, opts)
+    from ..pruning.methods import METHODS
+    from ..pruning.streamed import check_streamable
+
+    check_streamable(args.method, METHODS.get(args.method), method_opts, getattr(args, "weight_offload", "none"))
     args.nsamples, args.seq_len = calibration_sizes(method_opts, args.nsamples, args.seq_len)
     check_data_dir(args.data_dir)
     corpus = calibration_corpus(args.calibration, args.data_dir)
@@ -134,11 +144,12 @@ def run(args) -> int:
     opts = check_before_loading(args)  # options, corpus and --seq-len: before loading anything
     check_model_output(args.output, args.overwrite)  # before loading anything
     with model_output_lock(args.output):  # a second prune into the same output fails now, naming this one
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        offload = getattr(args, "weight_offload", "none")
+        model = load_model(args.model, dtype=args.dtype, device=args.device, weight_offload=offload)
         tok = load_tokenizer(args.model)
         res = prune(model, args.method, args.ratio, tokenizer=tok, calibration=args.calibration,
                     nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir,
-                    output=args.output, overwrite=args.overwrite, **opts)
+                    output=args.output, overwrite=args.overwrite, weight_offload=offload, **opts)
     s = res.summary()
     print(json.dumps({k: s[k] for k in ("method", "ratio", "achieved_ratio", "params_before", "params_after",
                                          "wall_time_s", "peak_rss_bytes")}, indent=2))

@@ -281,10 +281,10 @@ class LayerStore:
         else:
             self._done[i] = {"tensors": tensors, "position": position, "entry": entry, "plan": plan}
         self._ram.pop(i, None)  # cpu mode: the original is not needed again in this process
+        for hook in list(self.finished_hooks):  # ``hook(source index, position)``, the layer still loaded
+            hook(i, position)
         self._depth[i] = 1
         self.release(layer)
-        for hook in list(self.finished_hooks):
-            hook(i, position)
 
     def resumed(self, layer: nn.Module) -> dict[str, Any] | None:
         """For a layer a previous, interrupted run finished: its record (``position``, ``entry``, ``plan``),

@@ -151,8 +151,8 @@ def check_streamable(method: str, spec, opts, weight_offload: str) -> None:
         return
     reason = spec.whole_model or (opts.whole_model() if hasattr(opts, "whole_model") else None)
     if reason:
-        raise ValueError(f"method {method!r} cannot run with weight_offload={weight_offload!r}: it {reason}; "
-                         "use weight_offload='none' (the whole model in memory)")
+        raise ValueError(f"method {method!r} cannot stream its weights (weight offload {weight_offload!r}): it "
+                         f"{reason}; use weight offload 'none' (the whole model in memory)")
 
 
 def run_arguments(model, method: str, ratio: float, opts, calibration: str, calib_ids: torch.Tensor, seed: int,
