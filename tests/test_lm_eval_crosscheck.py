@@ -6,9 +6,10 @@ exactly the (context, continuation) requests fedprune builds. Scoring:
 A tiny random model and a small byte-level BPE tokenizer are saved to a temporary
 directory; lm-eval loads them from there with ``HFLM`` and scores the (context,
 continuation) requests built from the local task files; fedprune scores the same requests
-in-process. Per-request log-likelihoods must agree to 1e-4 and acc / acc_norm predictions
-must be identical. Boolq passages exceed the tiny model's 256 positions, so lm-eval's left
-truncation is compared too; the tokenizer is run with and without a BOS token.
+in-process, with both scoring paths (shared-prefix on LLaMA and OPT). Per-request
+log-likelihoods must agree to 1e-4 and acc / acc_norm predictions must be identical. Boolq
+passages exceed the tiny model's 256 positions, so lm-eval's left truncation is compared too;
+the tokenizer is run with and without a BOS token.
 """
 from __future__ import annotations
 
@@ -63,11 +64,11 @@ def _predictions(examples, lls):
     return out
 
 
-def _crosscheck(model, tokenizer, directory, examples):
+def _crosscheck(model, tokenizer, directory, examples, scoring="shared-prefix"):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     requests = _requests(examples)
-    ours = loglikelihoods(model, tokenizer, requests, batch_size=8, progress=False)
+    ours = loglikelihoods(model, tokenizer, requests, batch_size=8, progress=False, scoring=scoring)
     theirs = _lm_eval_loglikelihoods(directory, requests)
     worst = max(abs(a - b) for a, b in zip(ours, theirs))
     assert worst < 1e-4, f"largest log-likelihood difference {worst:.2e}"
@@ -75,13 +76,21 @@ def _crosscheck(model, tokenizer, directory, examples):
     return ours
 
 
+@pytest.mark.parametrize("scoring", ["shared-prefix", "full"])
 @pytest.mark.parametrize("add_bos", [False, True], ids=["no-bos", "bos"])
-def test_loglikelihoods_match_lm_eval_hflm(tmp_path, examples, add_bos):
+def test_loglikelihoods_match_lm_eval_hflm(tmp_path, examples, add_bos, scoring):
     texts = [c + x for c, x in _requests(examples)]
     tokenizer = toy_tokenizer(texts, vocab_size=600, add_bos=add_bos)
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    lls = _crosscheck(model, tokenizer, tmp_path, examples)
+    lls = _crosscheck(model, tokenizer, tmp_path, examples, scoring)
     assert all(ll < 0 for ll in lls)
+
+
+def test_shared_prefix_matches_lm_eval_hflm_on_opt(tmp_path, examples):
+    texts = [c + x for c, x in _requests(examples)]
+    tokenizer = toy_tokenizer(texts, vocab_size=600)
+    model = tiny_model("opt", vocab_size=len(tokenizer))
+    _crosscheck(model, tokenizer, tmp_path, examples)
 
 
 @pytest.mark.real_model

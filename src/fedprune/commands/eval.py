@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first N windows of each perplexity task and first N examples of each zero-shot task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="zero-shot requests per forward pass")
     p.add_argument("--ppl-batch-size", type=positive_int, default=1, help="perplexity windows per forward pass")
+    p.add_argument("--scoring", default="shared-prefix", choices=("shared-prefix", "full"),
+                   help="zero-shot scoring: shared-prefix runs the tokens a question's choices share once "
+                        "(default; models it does not support use full), full runs every request in full as lm-eval")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FEDPRUNE_DATA or ../shared/data)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu", type=device_option(),
@@ -195,7 +198,7 @@ def run(args) -> int:
     try:
         result = evaluate(model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit,
                           batch_size=args.batch_size, data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size,
-                          name=f"{args.model}+lora:{args.lora}" if args.lora else str(args.model), on_result=writer.progress if args.output else None)
+                          scoring=args.scoring, name=f"{args.model}+lora:{args.lora}" if args.lora else str(args.model), on_result=writer.progress if args.output else None)
     except BaseException as exc:
         writer.failed(exc)
         raise

@@ -87,21 +87,26 @@ def model_name(model) -> str:
 def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_len: int = 512,
              limit: int | None = None, batch_size: int = 8, data_dir: str | os.PathLike | None = None,
              ppl_batch_size: int = 1, add_bos_token: bool | None = None, name: str | None = None,
-             progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+             progress: bool = True, on_result: Callable[[dict], None] | None = None,
+             scoring: str = "shared-prefix") -> dict:
     """Evaluate ``model`` on ``tasks``; returns the dict described in the module docstring.
 
     limit: first N windows of a perplexity task, first N examples of a zero-shot task.
     batch_size: (context, continuation) requests per forward pass for zero-shot tasks;
     ppl_batch_size: windows per forward pass for perplexity. on_result: called with the
-    partial result after each task (for incremental writing).
+    partial result after each task (for incremental writing). scoring: how zero-shot requests
+    are run, ``shared-prefix`` (default) or ``full`` (:func:`~fedprune.evaluate.loglik.loglikelihoods`).
     """
+    from .loglik import scoring_path
+
     names = parse_tasks(tasks)
+    path = scoring_path(model, scoring)  # an unknown name fails before any task runs
     check_eval_args(names, seq_len, limit, batch_size, ppl_batch_size, getattr(model, "config", None))
     param = next(model.parameters())
     out = {
         "model": name or model_name(model),
         "settings": {"tasks": names, "seq_len": seq_len, "limit": limit, "batch_size": batch_size,
-                     "ppl_batch_size": ppl_batch_size, "dtype": str(param.dtype).replace("torch.", ""),
+                     "ppl_batch_size": ppl_batch_size, "scoring": path, "dtype": str(param.dtype).replace("torch.", ""),
                      "device": str(param.device), "add_bos_token": add_bos_token,
                      "data_dir": str(_data_root(data_dir)), "counts": {}, "seconds": {}},
         "results": {},
@@ -118,7 +123,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
                 raise ValueError(f"task {task}: {exc}") from exc  # say which text was too short
             out["results"][task], count = {"ppl": d["ppl"]}, d["windows"]
         else:
-            d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress)
+            d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress, path)
             out["results"][task], count = {"acc": d["acc"], "acc_norm": d["acc_norm"]}, d["examples"]
         out["settings"]["counts"][task] = count
         out["settings"]["seconds"][task] = round(time.perf_counter() - start, 2)

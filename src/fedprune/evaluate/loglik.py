@@ -9,9 +9,17 @@ lm-evaluation-harness 0.4 (``TemplateLM._encode_pair`` + ``HFLM.tok_encode``):
 - an empty context becomes the prefix token (BOS, else EOS);
 - inputs longer than the model's context keep their last ``max_length + 1`` tokens.
 
-Requests are sorted longest first, identical model inputs are run once, and batches are
-right-padded without an attention mask (padding sits after every real token, so a causal
-model's logits at real positions do not see it; this is what lm-eval does too).
+Identical model inputs are run once. Two ways to run the rest (``scoring``):
+
+- ``shared-prefix`` (default): inputs sharing a beginning (the choices of a question) run it
+  once and score their own tokens over its KV cache (:mod:`fedprune.evaluate.shared_prefix`);
+  models it does not support (:func:`~fedprune.evaluate.shared_prefix.unsupported_reason`)
+  take the full path;
+- ``full``: every input in full, as lm-eval does: sorted longest first, batches right-padded
+  without an attention mask (padding sits after every real token, so a causal model's logits at
+  real positions do not see it).
+
+Both give the same log-likelihoods (float32 on CPU: within 1e-5 of each other).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 DEFAULT_MAX_LENGTH = 2048
+SCORING = ("shared-prefix", "full")
 
 
 @dataclass(frozen=True)
@@ -109,13 +118,28 @@ def forward_tails(model, inputs: list[tuple[int, ...]], tails: list[int], device
             for i, (n, t) in enumerate(zip(lengths, tails))]
 
 
+def scoring_path(model, scoring: str = "shared-prefix") -> str:
+    """The path ``loglikelihoods`` takes for ``model``: ``scoring``, or ``full`` where the model
+    does not support ``shared-prefix``. An unknown name raises ValueError."""
+    from .shared_prefix import unsupported_reason
+
+    if scoring not in SCORING:
+        raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORING)}")
+    return "full" if scoring == "shared-prefix" and unsupported_reason(model) else scoring
+
+
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
                    add_bos_token: bool | None = None, max_length: int | None = None,
-                   progress: bool = True, desc: str = "loglikelihood") -> list[float]:
+                   progress: bool = True, desc: str = "loglikelihood", scoring: str = "shared-prefix") -> list[float]:
     """Summed log-probability of each continuation given its context, in request order.
 
-    requests: ``(context, continuation)`` strings. Returns one float per request.
+    requests: ``(context, continuation)`` strings. batch_size: model inputs per forward pass
+    (with ``shared-prefix``: prefixes per prefix pass, inputs per suffix pass).
+    scoring: ``shared-prefix`` or ``full`` (module docstring). Returns one float per request.
     """
+    from .shared_prefix import score_inputs
+
+    path = scoring_path(model, scoring)
     max_length = max_length or model_max_length(model)
     encoded = [encode_pair(tokenizer, c, x, add_bos_token) for c, x in requests]
     # Identical model inputs give identical logits (e.g. boolq's one-token " no"/" yes"):
@@ -123,17 +147,24 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, req in enumerate(encoded):
         groups.setdefault(model_inputs(req, max_length)[0], []).append(i)
-    order = sorted(groups, key=lambda inp: (-len(inp), inp))  # longest first, like lm-eval
+    tails = {inp: max(len(encoded[i].continuation) for i in idx) for inp, idx in groups.items()}
     device = next(model.parameters()).device
     results = [0.0] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        tails = [max(len(encoded[i].continuation) for i in groups[inp]) for inp in chunk]
-        for inp, logp in zip(chunk, forward_tails(model, chunk, tails, device)):
-            for i in groups[inp]:
-                target = torch.tensor(encoded[i].continuation, device=logp.device)
-                results[i] = float(logp[-len(target):].gather(-1, target[:, None]).sum())
-            bar.update(len(groups[inp]))
+
+    def collect(inp, logp):
+        for i in groups[inp]:
+            target = torch.tensor(encoded[i].continuation, device=logp.device)
+            results[i] = float(logp[-len(target):].gather(-1, target[:, None]).sum())
+        bar.update(len(groups[inp]))
+
+    if path == "shared-prefix":
+        score_inputs(model, list(groups), [tails[x] for x in groups], batch_size, device, collect)
+    else:
+        order = sorted(groups, key=lambda inp: (-len(inp), inp))  # longest first, like lm-eval
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for inp, logp in zip(chunk, forward_tails(model, chunk, [tails[x] for x in chunk], device)):
+                collect(inp, logp)
     bar.close()
     return results

@@ -50,11 +50,13 @@ def accuracy(scores: list[ChoiceScore]) -> dict[str, float]:
 
 
 def score_examples(model, tokenizer, examples: list[ChoiceExample], batch_size: int = 8,
-                   add_bos_token: bool | None = None, progress: bool = True, desc: str = "zero-shot") -> list[ChoiceScore]:
-    """Score every choice of every example (all requests batched together)."""
+                   add_bos_token: bool | None = None, progress: bool = True, desc: str = "zero-shot",
+                   scoring: str = "shared-prefix") -> list[ChoiceScore]:
+    """Score every choice of every example (all requests batched together; ``scoring``: see
+    :func:`~fedprune.evaluate.loglik.loglikelihoods`)."""
     requests = [r for ex in examples for r in ex.requests]
     lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, add_bos_token=add_bos_token,
-                         progress=progress, desc=desc)
+                         progress=progress, desc=desc, scoring=scoring)
     scores, k = [], 0
     for ex in examples:
         scores.append(score_example(ex, lls[k:k + len(ex.requests)]))
@@ -64,19 +66,19 @@ def score_examples(model, tokenizer, examples: list[ChoiceExample], batch_size: 
 
 def zero_shot(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 8,
               data_dir: str | os.PathLike | None = None, add_bos_token: bool | None = None,
-              progress: bool = True) -> dict[str, float]:
+              progress: bool = True, scoring: str = "shared-prefix") -> dict[str, float]:
     """``{"acc", "acc_norm"}`` of ``model`` on the first ``limit`` examples of ``task``."""
-    d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress)
+    d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress, scoring)
     return {"acc": d["acc"], "acc_norm": d["acc_norm"]}
 
 
 def zero_shot_details(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 8,
                       data_dir: str | os.PathLike | None = None, add_bos_token: bool | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, scoring: str = "shared-prefix") -> dict:
     """Like :func:`zero_shot`, plus ``examples`` (count) and ``scores`` (one ChoiceScore each)."""
     from ..data import load_examples
 
     require_int("batch_size", batch_size, 1)
     examples = load_examples(task, data_dir, limit)
-    scores = score_examples(model, tokenizer, examples, batch_size, add_bos_token, progress, desc=task)
+    scores = score_examples(model, tokenizer, examples, batch_size, add_bos_token, progress, desc=task, scoring=scoring)
     return {**accuracy(scores), "examples": len(examples), "scores": scores}
