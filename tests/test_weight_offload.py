@@ -241,3 +241,41 @@ def test_prune_cli_weight_offload_disk_matches_none(sources, tmp_path, monkeypat
     assert main(args + ["--weight-offload", "disk", "--output", str(tmp_path / "disk")]) == 0
     assert_same_checkpoint(tmp_path / "none", tmp_path / "disk")
     assert main(args + ["--method", "sleb", "--weight-offload", "disk", "--output", str(tmp_path / "x")]) == 1
+
+
+def test_hidden_stream_reads_batches_onto_the_layers_device():
+    """A stream spilled to disk hands batches to the device the layers run on (CUDA in a streamed prune):
+    here the meta device stands in for it."""
+    from fedprune.pruning.activations import HiddenStream
+
+    with HiddenStream(3, 4, 5, 2, offload="disk", device="meta") as s:
+        s.write(0, torch.ones(2, 4, 5))
+        s.write(1, torch.ones(1, 4, 5))
+        assert s.read(0).device.type == "meta"
+        c = s.clone()
+        assert c.device == torch.device("meta") and torch.equal(c.read(1, raw=True), torch.ones(1, 4, 5))
+    with HiddenStream(3, 4, 5, 2, offload="disk") as s:
+        s.write(1, torch.ones(1, 4, 5))
+        assert s.read(1).device.type == "cpu"
+
+
+def test_a_pruned_checkpoint_streams_too(references, tmp_path):
+    """A FLAP output (per-layer widths, added biases: rebuilt from its plan on the meta device) pruned again."""
+    src, _ = references("llama", "flap")
+    fedprune.prune(fedprune.load_model(src), "magnitude", 0.1, calib_ids=calib(), output=tmp_path / "none")
+    fedprune.prune(fedprune.load_model(src, weight_offload="disk"), "magnitude", 0.1, calib_ids=calib(),
+                   output=tmp_path / "disk")
+    assert_same_checkpoint(tmp_path / "none", tmp_path / "disk")
+
+
+def test_weights_that_do_not_match_the_config_are_refused(sources, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sources["llama"], bad)
+    (bad / "plan.json").unlink()
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"do not match the model built from its config.*\(192, 64\) vs \(100, 64\)"):
+        fedprune.load_model(bad, weight_offload="disk")

@@ -169,7 +169,8 @@ class LayerStore:
         self.finished_hooks: list = []
         if mode == "cpu":
             for i in range(len(self.layers)):  # every layer in host memory, in the model's dtype
-                self._ram[i] = {k: t.to(dtype=dtype, copy=True) for k, t in self._read_source(i).items()}
+                self._ram[i] = {k: t.to(dtype=dtype, copy=True) if t.is_floating_point() else t.clone()
+                                for k, t in self._read_source(i).items()}
 
     # ---- names and sources ----------------------------------------------------------------
     def _stored_names(self, i: int, layer: nn.Module) -> dict[str, str]:
@@ -330,8 +331,14 @@ def _materialise_rest(model: nn.Module, store: LayerStore, config) -> None:
                 missing.append(name)
             continue
         names[name] = stored
-    if missing:
-        raise ValueError(f"the weights in {store.files.directory} lack {missing[:3]}")
+    state = model.state_dict(keep_vars=True)
+    wrong = [f"{n} {store.files.shapes[s]} vs {tuple(state[n].shape)}" for n, s in names.items()
+             if store.files.shapes[s] != tuple(state[n].shape)]
+    if missing or wrong:
+        what = ([f"they lack {missing[:3]}"] if missing else []) + \
+               ([f"{len(wrong)} tensors have other shapes than its config says (e.g. {wrong[0]})"] if wrong else [])
+        raise ValueError(f"the weights in {store.files.directory} do not match the model built from its config: "
+                         f"{'; '.join(what)}")
     for name, t in store.files.read(names).items():
         if t.is_floating_point():
             t = t.to(device=store.device, dtype=store.dtype, copy=True)

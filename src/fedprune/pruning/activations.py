@@ -42,17 +42,21 @@ class HiddenStream:
 
     ``offload``: ``memory``, ``disk`` or ``auto`` (disk when the stream exceeds
     :data:`AUTO_SPILL_BYTES`). ``scratch_dir``: where spilled files go (default: the system's
-    temporary directory). Batches are read as new tensors and written back by index.
+    temporary directory). Batches are read as new tensors and written back by index. ``device``: where
+    :meth:`read` returns batches (the device the layers run on; a batch read from disk is moved
+    there); None: as stored (in memory: as written; from disk: the CPU).
     """
 
     def __init__(self, n: int, seq_len: int, d: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                 offload: str = "auto", scratch_dir: str | os.PathLike | None = None):
+                 offload: str = "auto", scratch_dir: str | os.PathLike | None = None,
+                 device: torch.device | str | None = None):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         if n < 1 or seq_len < 1 or d < 1 or batch_size < 1:
             raise ValueError(f"a hidden stream needs positive sizes, got n={n}, seq_len={seq_len}, d={d}, "
                              f"batch_size={batch_size}")
         self.n, self.seq_len, self.d, self.batch_size, self.dtype = n, seq_len, d, batch_size, dtype
+        self.device = torch.device(device) if device is not None else None
         self._itemsize = torch.empty(0, dtype=dtype).element_size()
         total = n * seq_len * d * self._itemsize
         self.on_disk = offload == "disk" or (offload == "auto" and total > AUTO_SPILL_BYTES)
@@ -81,8 +85,9 @@ class HiddenStream:
         return i * self.batch_size * self.seq_len * self.d * self._itemsize
 
     # ---- access ----------------------------------------------------------------------------
-    def read(self, i: int) -> torch.Tensor:
-        """Batch ``i`` as a ``[rows, seq_len, d]`` tensor (a copy when the stream is on disk)."""
+    def read(self, i: int, raw: bool = False) -> torch.Tensor:
+        """Batch ``i`` as a ``[rows, seq_len, d]`` tensor (a copy when the stream is on disk; ``raw``:
+        on the CPU then, not moved to ``device``)."""
         self._check(i)
         if not self.on_disk:
             t = self._mem[i]
@@ -95,7 +100,8 @@ class HiddenStream:
         got = os.preadv(self._fd, [buf], self._offset(i))
         if got != nbytes:
             raise RuntimeError(f"batch {i} of the hidden stream was never written (read {got} of {nbytes} bytes)")
-        return torch.frombuffer(buf, dtype=self.dtype).view(shape)
+        t = torch.frombuffer(buf, dtype=self.dtype).view(shape)
+        return t.to(self.device) if self.device is not None and not raw else t
 
     def write(self, i: int, t: torch.Tensor) -> None:
         """Store ``t`` (``[rows(i), seq_len, d]``) as batch ``i``."""
@@ -119,8 +125,9 @@ class HiddenStream:
     def clone(self) -> "HiddenStream":
         """An independent stream with the same content and storage kind."""
         out = HiddenStream(self.n, self.seq_len, self.d, self.batch_size, self.dtype,
-                           "disk" if self.on_disk else "memory", None)
-        for i, t in self.batches():
+                           "disk" if self.on_disk else "memory", None, self.device)
+        for i in range(self.num_batches):
+            t = self.read(i, raw=True)
             out.write(i, t.clone() if not self.on_disk else t)
         return out
 

@@ -81,8 +81,8 @@ def capture_layer0_stream(adapter: DecoderAdapter, input_ids: torch.Tensor, batc
     """Like :func:`capture_layer0_inputs`, into a :class:`HiddenStream` (batches of ``batch_size``)."""
     n, seq = input_ids.shape
     d = adapter.hidden_size
-    dtype = next(adapter.model.parameters()).dtype
-    stream = HiddenStream(n, seq, d, batch_size, dtype, offload, scratch_dir)
+    first = next(adapter.model.parameters())
+    stream = HiddenStream(n, seq, d, batch_size, first.dtype, offload, scratch_dir, device=first.device)
     kwargs = _capture(adapter, input_ids, batch_size, stream.write)
     return stream, kwargs
 

@@ -261,7 +261,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
         #    unpruned layer; the output overwrites the dense stream (it is the next layer's input)
         o = adapter.o_proj(layer)
         mid_dense = HiddenStream(x_dense.n, x_dense.seq_len, x_dense.d, bs, x_dense.dtype, opts.offload,
-                                 opts.scratch_dir) if prune_heads else None
+                                 opts.scratch_dir, x_dense.device) if prune_heads else None
         for b, xb in x_dense.batches():
 
             def keep_mid(m, i, out, xb=xb, b=b):  # a forward hook must return None
