@@ -52,8 +52,9 @@ CLASSES = ["budget-25", "budget-40", "budget-55", "budget-75", "budget-100"]
 TASK, LETTER_TASK = "commonsense_qa_cloze", "commonsense_qa"
 ALL_QUESTIONS = 1221
 LOSS_QUESTIONS = 200
-# chosen by the pilot (module doc of the results: enough rounds for fedit_full to gain clearly)
-DEFAULTS = {"rounds": 12, "local_steps": 8, "grad_accum": 4, "lr": 0.0005}
+# chosen by a pilot: fedit_full (seed 0) moved acc_norm on the first 200 questions from 0.315 to 0.520 after
+# 4 rounds and 0.525 after 8 (5 and 10 device-rounds of 32 examples)
+DEFAULTS = {"rounds": 8, "local_steps": 8, "grad_accum": 4, "lr": 0.0005}
 
 
 def cpu_s() -> float:
