@@ -279,3 +279,21 @@ def test_weights_that_do_not_match_the_config_are_refused(sources, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"do not match the model built from its config.*\(192, 64\) vs \(100, 64\)"):
         fedprune.load_model(bad, weight_offload="disk")
+
+
+@pytest.mark.parametrize("mode", ["none", "disk"])
+def test_uniform_heads_that_do_not_divide_the_hidden_size_save_with_the_plan(mode, tmp_path):
+    """8 heads of 8 dims in a 64-wide model, 6 kept in every layer: transformers refuses a config saying
+    6 heads (64 % 6 != 0), so the checkpoint is rebuilt from its plan instead."""
+    src = tmp_path / "src"
+    fedprune.save_model(tiny_model("llama", num_attention_heads=8, num_key_value_heads=4, head_dim=8), src)
+    model = fedprune.load_model(src, weight_offload=mode)
+    res = fedprune.prune(model, "wanda_sp", 0.3, calib_ids=calib(), output=tmp_path / "out", preset="official")
+    assert all(e["heads_kept"] == 6 for e in res.report["layers"])
+    assert plan(tmp_path / "out")["hf_loadable"] is False
+    ids = calib(2, 16, seed=1)
+    again = fedprune.load_model(tmp_path / "out")
+    assert get_adapter(again).num_heads(get_adapter(again).layers[0]) == 6
+    ref = fedprune.load_model(src)
+    fedprune.prune(ref, "wanda_sp", 0.3, calib_ids=calib(), preset="official")
+    assert torch.equal(logits(again, ids), logits(ref, ids))

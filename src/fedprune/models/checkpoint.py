@@ -31,6 +31,18 @@ def _uniform_sizes(plan: PrunePlan):
     return shapes.pop() if len(shapes) == 1 else None
 
 
+def _valid(config) -> bool:
+    """Whether transformers accepts ``config`` (it validates a config when saving and loading it)."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return True
+    try:
+        validate()
+    except Exception:
+        return False
+    return True
+
+
 def checkpoint_config(model, extra: dict | None = None):
     """``(config, record)``: a copy of the config with the pruned sizes when every kept layer shares
     them (``record["hf_loadable"]``: plain ``from_pretrained`` loads the directory then), and the
@@ -42,8 +54,10 @@ def checkpoint_config(model, extra: dict | None = None):
     if uniform is not None:
         # Every kept layer has the same shape: say so in the config, so plain
         # ``AutoModelForCausalLM.from_pretrained`` can load the directory too.
-        if not adapter.write_uniform_sizes(config, *uniform):
-            uniform = None  # the config cannot say it (e.g. OPT with fewer heads): needs the plan
+        if not adapter.write_uniform_sizes(config, *uniform) or not _valid(config):
+            # the config cannot say it (e.g. OPT with fewer heads, or heads that do not divide the
+            # hidden size, which transformers refuses in a config): the checkpoint needs the plan
+            uniform, config = None, copy.deepcopy(model.config)
     record = plan.to_dict()
     record["hf_loadable"] = uniform is not None
     if extra:

@@ -162,7 +162,7 @@ def run_arguments(model, method: str, ratio: float, opts, calibration: str, cali
 
     store = weight_store(model)
     options = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(vars(opts))
-    return {"model": str(getattr(model, "_fedprune_spec", "")), "weights": store.files.fingerprint(),
+    return {"model": str(store.files.directory.resolve()), "weights": store.files.fingerprint(),
             "dtype": str(store.dtype).removeprefix("torch."), "device": str(store.device),
             "weight_offload": weight_offload, "method": method, "ratio": ratio,
             "options": {k: (v if isinstance(v, (bool, int, float, str, type(None), list, tuple)) else str(v))
