@@ -80,6 +80,11 @@ def model_plan(args) -> dict[str, dict]:
                 "method": "comp", "ratio": r, "options": {"width_multiple": args.width_multiple}}
     if args.peer:
         plan[f"{args.peer}-{round(args.peer_ratio * 100)}"] = {"method": args.peer, "ratio": args.peer_ratio, "options": {}}
+    if args.models:
+        unknown = sorted(set(args.models) - set(plan))
+        if unknown:
+            raise SystemExit(f"--models: unknown {unknown}; this run's models are {list(plan)}")
+        plan = {name: how for name, how in plan.items() if name in args.models}
     return plan
 
 
@@ -472,6 +477,7 @@ def parse_args(argv=None):
     p.add_argument("--width-multiple", type=int, default=256, help="the rounded COMP variants (1: none)")
     p.add_argument("--peer", default="llm_pruner", help="peer pruning method ('' for none)")
     p.add_argument("--peer-ratio", type=float, default=0.3)
+    p.add_argument("--models", default="", help="comma list: only these of the run's models (a benchmark in parts)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=20)
@@ -487,6 +493,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.outtypes = [t for t in args.outtypes.split(",") if t]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    args.models = [m for m in args.models.split(",") if m]
     return args
 
 
