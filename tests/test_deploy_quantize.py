@@ -76,6 +76,35 @@ def test_wanted_types_by_hand():
         wanted_types("q3_k", "output.weight", True)
 
 
+def test_nll_from_logits_by_hand():
+    from fedprune.deploy.verify import nll_from_logits
+
+    logits = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]], dtype=np.float32)  # p = 1/4, 3/4; then 1/2, 1/2
+    assert nll_from_logits(logits, [1, 0]) == pytest.approx(np.log(4 / 3) + np.log(2), rel=1e-6)
+
+
+def test_scratch_file_is_removed_and_sweepable(tmp_path):
+    """The f16 intermediate: gone after the block (also on an error), and named like fedprune.atomic's
+    temporaries, so one left by a killed writer is swept by the next writer of the same output."""
+    import os
+    import subprocess
+
+    from fedprune import atomic
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(RuntimeError):
+        with atomic.scratch_file(out, "f16") as f16:
+            f16.write_bytes(b"x")
+            raise RuntimeError("quantizer failed")
+    assert not list(tmp_path.iterdir())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f".{out.name}.{dead.pid}-{atomic.host_tag()}.abcd1234_f16.tmp"  # a dead writer's
+    left.write_bytes(b"x")
+    assert atomic.sweep_stale(out) == [left] and not left.exists()
+    assert not os.path.exists(out)
+
+
 # ---- every outtype: exported, read back, loaded and run by llama.cpp --------------------------------
 @pytest.fixture(scope="module")
 def dense_256(chat_tok, tmp_path_factory):
@@ -345,16 +374,21 @@ def test_missing_lm_eval_names_the_eval_extra(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_smollm2_q4_k_m_verify(tmp_path, capsys):
-    """SmolLM2-135M to q4_k_m through the CLI, --verify 256: top-1 agreement with the float32 PyTorch model
-    (observed 0.XX on 2 threads; asserted with a margin)."""
+    """SmolLM2-135M to q4_k_m through the CLI, --verify 256 (8 perplexity windows of 256 tokens): observed
+    top-1 agreement 0.875 with the float32 PyTorch model, perplexity 42.14 against 39.97 (+5.4 %); 181 of
+    the 211 weight matrices fall back (576-wide rows: q4_k -> q5_0, q6_k -> q8_0), 6.17 bits per weight."""
     pytest.importorskip("llama_cpp")
     from fedprune.cli import main
 
     out = tmp_path / "s.q4_k_m.gguf"
     assert main(["export", "--model", "smollm2-135m", "--outtype", "q4_k_m", "--output", str(out), "--threads", "2",
-                 "--verify", "256", "--verify-ppl-windows", "4"]) == 0
+                 "--verify", "256"]) == 0
     export_rep, verify_rep = (json.loads(p) for p in _json_objects(capsys.readouterr().out))
-    assert export_rep["architecture"] == "llama" and 4.5 < export_rep["bits_per_weight"] < 7
-    assert verify_rep["tokenizer_match"]
-    assert verify_rep["top1_agreement"] >= 0.7, verify_rep
-    assert abs(verify_rep["ppl_rel_diff"]) < 0.1, verify_rep
+    assert export_rep["architecture"] == "llama" and 5.5 < export_rep["bits_per_weight"] < 7
+    # every matrix whose rows (576 wide) are not a multiple of 256 falls back; the 1536-wide ffn_down do not
+    assert {f["tensor"].split(".")[-2] for f in export_rep["fallbacks"]} == {
+        "token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"}
+    assert export_rep["fallback_count"] == 181
+    assert verify_rep["tokenizer_match"] and verify_rep["positions"] == 256 and verify_rep["ppl_windows"] == 8
+    assert verify_rep["top1_agreement"] >= 0.8, verify_rep
+    assert 0 < verify_rep["ppl_rel_diff"] < 0.1, verify_rep
