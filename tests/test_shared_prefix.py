@@ -1,5 +1,5 @@
-"""Shared-prefix scoring: the plan (pure), and its log-probabilities against the full path and a
-plain full-sequence forward on tiny random LLaMA and OPT models (float32, CPU)."""
+"""Shared-prefix scoring: the plan and the prefix trees (pure), and its log-probabilities against
+the full path and a plain full-sequence forward on tiny random LLaMA and OPT models (float32, CPU)."""
 from __future__ import annotations
 
 import itertools
@@ -15,12 +15,12 @@ from fedprune.data import load_examples, resolve_root
 from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.evaluate import evaluate, loglikelihoods, score_example
 from fedprune.evaluate.loglik import encode_pair, forward_tails, model_inputs, scoring_path
-from fedprune.evaluate.shared_prefix import (PrefixGroup, plan_groups, schedule, score_inputs, split_sorted,
-                                             unsupported_reason)
+from fedprune.evaluate.shared_prefix import (PrefixGroup, passes, plan_groups, prefix_tree,
+                                             score_inputs, split_sorted, tree_mask, unsupported_reason)
 from fedprune.models.tiny import tiny_model
 
 HAVE_DATA = (resolve_root() / "piqa" / "dev.jsonl").is_file()
-PER_TOKEN = 5e-6  # cached vs uncached log-probabilities, float32 on CPU (observed about 1e-6)
+PER_TOKEN = 5e-6  # packed vs full-sequence log-probabilities, float32 on CPU (observed about 1e-6)
 
 
 def _seq(rng, n, lo=3, hi=500):
@@ -41,7 +41,7 @@ def test_plan_groups_shares_each_questions_context_not_a_common_opening():
                                                                        key=lambda x: x[0])
 
 
-def test_plan_groups_runs_into_a_continuation_the_choices_share_and_leaves_each_input_a_token():
+def test_plan_groups_runs_into_a_continuation_the_choices_share_and_keeps_nested_inputs():
     rng = random.Random(1)
     ctx, common = _seq(rng, 9), _seq(rng, 4)
     alike = [ctx + common + _seq(rng, 2), ctx + common + _seq(rng, 3)]
@@ -49,7 +49,7 @@ def test_plan_groups_runs_into_a_continuation_the_choices_share_and_leaves_each_
     assert g.prefix == 13
     nested = [ctx, ctx + _seq(rng, 3)]  # one input is the beginning of the other
     (g,) = plan_groups(nested, [1, 4])
-    assert g.prefix == len(ctx) - 1
+    assert g.prefix == len(ctx)
 
 
 def test_plan_groups_leaves_short_shares_alone_and_respects_max_group():
@@ -72,25 +72,25 @@ def test_plan_groups_refuses_bad_input():
         plan_groups([()], [1])
 
 
-def _brute_force_cost(lengths, batch_size, pass_cost):
-    best = None
-    for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):
-        sizes, n = [], 1
-        for c in cuts:
-            if c:
-                sizes.append(n)
-                n = 1
-            else:
-                n += 1
-        sizes.append(n)
-        if max(sizes) > batch_size:
-            continue
-        cost, k = 0, 0
-        for s in sizes:
-            cost += lengths[k] * s + pass_cost
-            k += s
-        best = cost if best is None else min(best, cost)
-    return best
+def test_prefix_tree_holds_each_distinct_prefix_once_and_each_input_on_its_path():
+    rng = random.Random(6)
+    ctx, common = _seq(rng, 6), _seq(rng, 3)
+    inputs = [ctx + common + _seq(rng, 2), ctx + _seq(rng, 4), ctx + common + _seq(rng, 1), ctx,
+              _seq(rng, 5)]  # choices that begin alike, a nested input, an unrelated one
+    tree = prefix_tree(inputs)
+    assert len(tree.tokens) == len({x[:k] for x in inputs for k in range(1, len(x) + 1)})
+    for x, path in zip(inputs, tree.paths):
+        assert [tree.tokens[k] for k in path] == list(x)
+        assert [tree.positions[k] for k in path] == list(range(len(x)))
+        assert [tree.parents[k] for k in path] == [-1] + list(path[:-1])
+    width = len(tree.tokens) + 2
+    mask = tree_mask(tree, width)
+    for path in tree.paths:  # a token sees exactly the tokens up to it on its own input
+        for j, q in enumerate(path):
+            assert set(mask[q].nonzero().flatten().tolist()) == set(path[:j + 1])
+    assert mask[-1].nonzero().flatten().tolist() == [width - 1]  # padding sees itself
+    with pytest.raises(ValueError, match="distinct"):
+        prefix_tree([(1, 2), (1, 2)])
 
 
 def _cost(lengths, sizes, pass_cost):
@@ -101,43 +101,71 @@ def _cost(lengths, sizes, pass_cost):
     return cost
 
 
+def _fits(lengths, longest, sizes, batch_size):
+    k = 0
+    for s in sizes:
+        if s > 1 and s * lengths[k] > batch_size * max(longest[k:k + s]):
+            return False
+        k += s
+    return True
+
+
+def _brute_force_cost(lengths, longest, batch_size, pass_cost):
+    best = None
+    for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):
+        sizes, n = [], 1
+        for c in cuts:
+            if c:
+                sizes.append(n)
+                n = 1
+            else:
+                n += 1
+        sizes.append(n)
+        if _fits(lengths, longest, sizes, batch_size):
+            cost = _cost(lengths, sizes, pass_cost)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
 def test_split_sorted_is_optimal_and_sends_a_long_row_alone():
     assert split_sorted([100, 40, 38, 36], 8, 16) == [1, 3]
     assert split_sorted([10] * 20, 8, 16) == [8, 8, 4]
+    # rows of width 30 holding inputs of 10 tokens: 4 such rows are 4 padded inputs' worth of tokens
+    assert split_sorted([30] * 8, 4, 16, longest=[10] * 8) == [1] * 8
+    assert split_sorted([30] * 8, 4, 16, longest=[20] * 8) == [2] * 4
     rng = random.Random(3)
-    for _ in range(40):
+    for _ in range(60):
         lengths = sorted((rng.randrange(1, 60) for _ in range(rng.randrange(1, 9))), reverse=True)
+        longest = [rng.randrange(1, n + 1) for n in lengths]
         bs, cost = rng.randrange(1, 5), rng.choice([0, 4, 16, 100])
-        sizes = split_sorted(lengths, bs, cost)
-        assert sum(sizes) == len(lengths) and max(sizes) <= bs
-        assert _cost(lengths, sizes, cost) == _brute_force_cost(lengths, bs, cost)
+        sizes = split_sorted(lengths, bs, cost, longest)
+        assert sum(sizes) == len(lengths) and _fits(lengths, longest, sizes, bs)
+        assert _cost(lengths, sizes, cost) == _brute_force_cost(lengths, longest, bs, cost)
+        plain = split_sorted(lengths, bs, cost)
+        assert max(plain) <= bs and _cost(lengths, plain, cost) == _brute_force_cost(lengths, lengths, bs, cost)
     with pytest.raises(ValueError, match="sorted"):
         split_sorted([1, 2], 4)
 
 
-def test_schedule_runs_every_input_once_within_the_batch_size():
+def test_passes_run_every_group_once_within_the_tokens_of_a_padded_batch():
     rng = random.Random(4)
-    groups = [PrefixGroup(rng.choice([0, 5, 9]), tuple(_seq(rng, 12) for _ in range(rng.randrange(1, 6))), ())
-              for _ in range(30)]
-    groups = [PrefixGroup(g.prefix if len(g.inputs) > 1 else 0, g.inputs, (1,) * len(g.inputs)) for g in groups]
-    windows = schedule(groups, batch_size=4, window_rows=10)
-    prefixed = [g for w in windows for b in w.prefix_batches for g in b]
-    rows = [r for w in windows for b in w.suffix_batches for r in b]
-    assert sorted(prefixed) == [i for i, g in enumerate(groups) if g.prefix > 0]
-    assert sorted(rows) == sorted((g, i) for g, grp in enumerate(groups) for i in range(len(grp.inputs)))
-    assert all(len(b) <= 4 for w in windows for b in w.prefix_batches + w.suffix_batches)
-    for w in windows:  # a window's rows are its groups' inputs, sorted by what is left after the prefix
-        owned = {g for b in w.suffix_batches for g, _ in b}
-        assert {g for b in w.prefix_batches for g in b} <= owned
-        left = [len(groups[g].inputs[i]) - groups[g].prefix for b in w.suffix_batches for g, i in b]
-        assert left == sorted(left, reverse=True)
+    groups = []
+    for _ in range(30):
+        ctx = _seq(rng, rng.randrange(4, 30))
+        inputs = tuple(dict.fromkeys(ctx + _seq(rng, rng.randrange(1, 8)) for _ in range(rng.randrange(1, 6))))
+        groups.append(PrefixGroup(len(ctx) if len(inputs) > 1 else 0, inputs, (1,) * len(inputs)))
+    chunks = passes(groups, batch_size=4)
+    assert sorted(g for c in chunks for g in c) == list(range(30))
+    for c in chunks:
+        width = max(len(prefix_tree(groups[g].inputs).tokens) for g in c)
+        assert len(c) == 1 or len(c) * width <= 4 * max(len(x) for g in c for x in groups[g].inputs)
 
 
 # ---------------------------------------------------------------- against full forwards
 
 def _synthetic_inputs():
     """Questions with 1-10 choices, continuations of 1-9 tokens, choices that begin alike,
-    a question with more choices than the batch, nested inputs and lone inputs."""
+    a question with more choices than the batch size, nested inputs and lone inputs."""
     rng = random.Random(5)
     inputs, tails = [], []
 
@@ -154,7 +182,7 @@ def _synthetic_inputs():
     for c in range(3):  # the prefix runs into the scored tokens
         add(ctx + common + _seq(rng, 1 + c), 5 + 1 + c)
     ctx = _seq(rng, 7)
-    for c in range(10):  # more choices than batch_size: their suffixes span several passes
+    for c in range(10):  # more choices than the batch size
         add(ctx + _seq(rng, 1 + c % 3), 1 + c % 3)
     base = _seq(rng, 20)
     add(base, 3)  # nested: one input is the beginning of the other
@@ -169,14 +197,16 @@ def _full_forward(model, x, t):
         return F.log_softmax(model(input_ids=torch.tensor([x])).logits[0, -t:].float(), dim=-1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_shared_prefix_log_probs_equal_a_full_forward_and_the_full_path(arch, one_thread):
-    model = tiny_model(arch, vocab_size=512)
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("opt", "sdpa"), ("llama", "eager"),
+                                            ("opt", "eager")])
+def test_shared_prefix_log_probs_equal_a_full_forward_and_the_full_path(arch, attention, one_thread):
+    model = tiny_model(arch, vocab_size=512, attn_implementation=attention)
     inputs, tails = _synthetic_inputs()
     assert len(set(inputs)) == len(inputs)
     groups = plan_groups(inputs, tails)
-    assert any(g.prefix > 0 and len(g.inputs) > 4 for g in groups)  # spans passes at batch_size 4
+    assert any(g.prefix > 0 and len(g.inputs) > 4 for g in groups)  # a row wider than 4 inputs
     assert any(g.prefix > len(x) - t for g in groups for x, t in zip(g.inputs, g.tails))  # scored in prefix
+    assert len(passes(groups, 4)) > 1
     got = {}
     score_inputs(model, inputs, tails, batch_size=4, device="cpu", collect=lambda x, lp: got.setdefault(x, lp))
     assert set(got) == set(inputs)
