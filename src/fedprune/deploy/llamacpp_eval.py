@@ -80,6 +80,7 @@ def evaluate_gguf(gguf_file: str | os.PathLike, tasks: str | Iterable[str] = ("w
     out = {
         "model": name or str(gguf_file),
         "settings": {"tasks": names, "seq_len": seq_len, "limit": limit, "batch_size": None, "ppl_batch_size": 1,
+                     "scoring": None,
                      "dtype": meta["file_type"], "device": "cpu", "add_bos_token": None,
                      "data_dir": str(resolve_root(data_dir)), "backend": "llama.cpp", "threads": n_threads,
                      "counts": {}, "seconds": {}},
