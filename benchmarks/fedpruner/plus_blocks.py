@@ -35,7 +35,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=100, help="validation questions for the held-out loss")
-    ap.add_argument("--probe", type=int, default=32, help="local questions for the untrained submodel's loss")
+    ap.add_argument("--probe", type=int, default=16, help="local questions for the untrained submodel's loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
