@@ -340,8 +340,8 @@ def _materialise_rest(model: nn.Module, store: LayerStore, config) -> None:
         raise ValueError(f"the weights in {store.files.directory} do not match the model built from its config: "
                          f"{'; '.join(what)}")
     for name, t in store.files.read(names).items():
-        if t.is_floating_point():
-            t = t.to(device=store.device, dtype=store.dtype, copy=True)
+        if t.is_floating_point():  # no copy when none is needed: a memory-mapped tensor is resident only
+            t = t.to(device=store.device, dtype=store.dtype)  # where it is read (embedding rows in use)
         _set_tensor(model, name, t)
     if tied:
         model.tie_weights()
