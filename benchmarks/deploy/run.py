@@ -136,8 +136,9 @@ def stage_prune(args, record: dict) -> None:
             plan = json.loads(plan_file.read_text())
             got = (plan["pruning"]["method"], plan["pruning"]["ratio"], plan["calibration"]["corpus"],
                    plan["calibration"]["nsamples"], plan["calibration"]["seq_len"], plan["calibration"]["seed"],
-                   plan.get("options") or {})
-            want = (how["method"], how["ratio"], "c4", args.nsamples, args.seq_len, 0, how["options"])
+                   {k: str(v) for k, v in (plan.get("options") or {}).items()})  # the CLI records option strings
+            want = (how["method"], how["ratio"], "c4", args.nsamples, args.seq_len, 0,
+                    {k: str(v) for k, v in how["options"].items()})
             if got != want:
                 raise SystemExit(f"{plan_file} was pruned with {got}, this run asks for {want}: move it away")
             info.update(achieved_ratio=plan["pruning"]["achieved_ratio"],
@@ -255,18 +256,13 @@ def child_torch_quality(job: dict, args) -> dict:
 def child_llamacpp_quality(job: dict, args) -> dict:
     import numpy as np
 
-    from fedprune.deploy.verify import llamacpp_logits
+    from fedprune.deploy.verify import llamacpp_perplexity
 
     wins = json.loads(Path(job["windows"]).read_text())
     ref = json.loads(Path(job["ref"]).read_text())
-    nll, agree, n = 0.0, 0, 0
-    for w, r in zip(wins, ref):
-        logits = llamacpp_logits(job["gguf"], w, n_threads=args.threads)[:-1].astype(np.float64)
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        nll += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
-        agree += int((logits.argmax(-1) == np.asarray(r)).sum())
-        n += len(w) - 1
-    return {"ppl": math.exp(nll / n), "top1_agreement": agree / n, "ppl_tokens": n}
+    res = llamacpp_perplexity(job["gguf"], wins, n_threads=args.threads, return_top1=True)
+    agree = sum(int((np.asarray(a) == np.asarray(b)).sum()) for a, b in zip(res["top1"], ref))
+    return {"ppl": res["ppl"], "top1_agreement": agree / res["tokens"], "ppl_tokens": res["tokens"]}
 
 
 def child_llamacpp_speed(job: dict, args) -> dict:

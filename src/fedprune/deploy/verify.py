@@ -54,16 +54,19 @@ def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> float:
     return float((logz - x[np.arange(x.shape[0]), np.asarray(targets)]).sum())
 
 
-def llamacpp_perplexity(gguf_file: str | os.PathLike, windows, n_threads: int | None = None) -> dict[str, Any]:
+def llamacpp_perplexity(gguf_file: str | os.PathLike, windows, n_threads: int | None = None,
+                        return_top1: bool = False) -> dict[str, Any]:
     """Perplexity of the GGUF model over token ``windows`` (a list of lists of ids, or a LongTensor
     ``[n, seq_len]``), from llama.cpp's own logits.
 
     The convention of :func:`fedprune.evaluate.perplexity.perplexity_of_tokens`: each window is scored
     on its own (a fresh KV cache, nothing before it; its first token is only context), predicting its
     tokens 2..len from the ones before; ``ppl = exp(nll_mean)``, ``nll_mean`` the mean NLL over all
-    predicted tokens. Returns ``{"ppl", "nll_mean", "tokens", "windows"}``.
+    predicted tokens. Returns ``{"ppl", "nll_mean", "tokens", "windows"}``; with ``return_top1`` also
+    ``"top1"``: per window, llama.cpp's argmax prediction at each scored position (for agreement checks).
     """
     wins = _window_list(windows)
+    top1 = []
     longest = max(len(w) for w in wins)
     llm = load_gguf(gguf_file, n_ctx=max(longest, 8), logits_all=True, n_threads=n_threads, n_batch=max(longest, 8))
     try:
@@ -73,10 +76,15 @@ def llamacpp_perplexity(gguf_file: str | os.PathLike, windows, n_threads: int | 
             llm.eval(w)
             total += nll_from_logits(llm.scores[:len(w) - 1], w[1:])
             predicted += len(w) - 1
+            if return_top1:
+                top1.append(np.asarray(llm.scores[:len(w) - 1]).argmax(-1).tolist())
     finally:
         llm.close()
     nll_mean = total / predicted
-    return {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
+    out = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
+    if return_top1:
+        out["top1"] = top1
+    return out
 
 
 @torch.no_grad()
@@ -91,7 +99,10 @@ def torch_perplexity(model, windows) -> dict[str, Any]:
         total += float(window_nll(model, torch.tensor([w], dtype=torch.long)).sum())
         predicted += len(w) - 1
     nll_mean = total / predicted
-    return {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
+    out = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
+    if return_top1:
+        out["top1"] = top1
+    return out
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
