@@ -249,6 +249,12 @@ def test_llamacpp_perplexity_matches_pytorch_on_f32(tok, tmp_path, one_thread):
     assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-3)
     assert got["nll_mean"] == pytest.approx(ref["nll"], rel=1e-3)
     assert torch_perplexity(m, wins)["ppl"] == pytest.approx(ref["ppl"], rel=1e-9)
+    # llama.cpp's argmax per scored position: on an f32 file, PyTorch's own argmax (allowing a near-tie or two)
+    top1 = llamacpp_perplexity(tmp_path / "m.f32.gguf", wins.tolist(), n_threads=1, return_top1=True)["top1"]
+    with torch.no_grad():
+        want = m(input_ids=wins).logits[:, :-1].argmax(-1)
+    assert [len(t) for t in top1] == [47, 47, 47]
+    assert (torch.tensor(top1) == want).float().mean() >= 0.97
     # a window scored on its own: prefixing the windows with other text would change the figure
     shifted = llamacpp_perplexity(tmp_path / "m.f32.gguf", [w[1:] for w in wins.tolist()], n_threads=1)
     assert shifted["tokens"] == 3 * 46 and shifted["ppl"] != pytest.approx(got["ppl"], rel=1e-6)

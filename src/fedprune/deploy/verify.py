@@ -99,10 +99,7 @@ def torch_perplexity(model, windows) -> dict[str, Any]:
         total += float(window_nll(model, torch.tensor([w], dtype=torch.long)).sum())
         predicted += len(w) - 1
     nll_mean = total / predicted
-    out = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
-    if return_top1:
-        out["top1"] = top1
-    return out
+    return {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "tokens": predicted, "windows": len(wins)}
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
