@@ -155,19 +155,22 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     results = [0.0] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
 
-    def collect(inp, logp):
-        for i in groups[inp]:
-            target = torch.tensor(encoded[i].continuation, device=logp.device)
-            results[i] = float(logp[-len(target):].gather(-1, target[:, None]).sum())
-        bar.update(len(groups[inp]))
-
     if path == "shared-prefix":
-        score_inputs(model, list(groups), [tails[x] for x in groups], batch_size, device, collect)
+        def put(inp, lls):
+            for i, ll in zip(groups[inp], lls):
+                results[i] = ll
+            bar.update(len(lls))
+
+        score_inputs(model, {inp: [tuple(encoded[i].continuation) for i in idx] for inp, idx in groups.items()},
+                     batch_size, device, put)
     else:
         order = sorted(groups, key=lambda inp: (-len(inp), inp))  # longest first, like lm-eval
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             for inp, logp in zip(chunk, forward_tails(model, chunk, [tails[x] for x in chunk], device)):
-                collect(inp, logp)
+                for i in groups[inp]:
+                    target = torch.tensor(encoded[i].continuation, device=logp.device)
+                    results[i] = float(logp[-len(target):].gather(-1, target[:, None]).sum())
+                bar.update(len(groups[inp]))
     bar.close()
     return results

@@ -19,8 +19,9 @@ identical contexts across questions.
 are adjacent) into groups, one row each; :func:`prefix_tree` packs a group; :func:`split_sorted`
 cuts the rows, longest first, into forward passes where padding would cost more than another
 pass, each holding no more tokens than ``batch_size`` padded copies of its longest input (what
-a full-path batch of ``batch_size`` requests may hold); :func:`forward_trees` runs a pass and
-the LM head only at the scored positions, each once.
+a full-path batch of ``batch_size`` requests may hold); :func:`forward_trees` runs a pass, and
+the LM head only at the scored positions, each once, and sums each continuation's
+log-probabilities (logit - logsumexp, no [positions, vocab] log-softmax kept).
 
 Compared with the full path and lm-eval, this saves the shared tokens, most of the padding
 and the LM head everywhere but at the scored positions. Supported: model families whose
@@ -233,46 +234,58 @@ def unsupported_reason(model) -> str | None:
 
 
 @torch.no_grad()
-def forward_trees(model, groups: list[PrefixGroup], device) -> list[list[torch.Tensor]]:
-    """One forward pass over ``groups``, one prefix-tree row each (right-padded).
+def forward_trees(model, groups: list[PrefixGroup], targets: dict, device) -> dict[tuple[int, ...], list[float]]:
+    """One forward pass over ``groups``, one prefix-tree row each (right-padded); the summed
+    log-probability of each continuation of each input.
 
-    Returns, per group and input, a float32 tensor [tails[i], V] of log-probabilities: row j
-    predicts the token after position ``len(input) - tails[i] + j``, as a full forward of the
-    input would. The LM head runs once per scored slot (inputs that begin alike share slots).
+    targets: input -> its continuations (token id tuples, each at most the input's tail): the
+    last ``len(c)`` positions of the input predict ``c``, as in a full forward of the input.
+    Returns input -> one float per continuation, in order. The LM head runs once per scored
+    slot (inputs that begin alike share slots), and log p = logit - logsumexp(logits).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     trees = [prefix_tree(g.inputs) for g in groups]
     width = max(len(t.tokens) for t in trees)
     ids = torch.zeros(len(trees), width, dtype=torch.long)
-    positions = torch.zeros(len(trees), width, dtype=torch.long)
-    allowed = torch.empty(len(trees), 1, width, width, dtype=torch.bool)
     for r, t in enumerate(trees):
         ids[r, :len(t.tokens)] = torch.tensor(t.tokens)
-        positions[r, :len(t.tokens)] = torch.tensor(t.positions)
-        allowed[r, 0] = tree_mask(t, width)
-    dtype = head.weight.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     position_ids=positions.to(device)).last_hidden_state  # [rows, width, H]
-    slots: dict[tuple[int, int], int] = {}  # (row, slot) -> row of the scored hidden states
+    kwargs = {}
+    if any(len(g.inputs) > 1 for g in groups):  # else plain right-padded rows: the causal mask is the tree's
+        positions = torch.zeros(len(trees), width, dtype=torch.long)
+        allowed = torch.empty(len(trees), 1, width, width, dtype=torch.bool)
+        for r, t in enumerate(trees):
+            positions[r, :len(t.tokens)] = torch.tensor(t.positions)
+            allowed[r, 0] = tree_mask(t, width)
+        dtype = head.weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        kwargs = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    hidden = decoder(input_ids=ids.to(device), **kwargs).last_hidden_state  # [rows, width, H]
+    slots: dict[int, int] = {}  # flat slot (row * width + slot) -> row of the scored logits
+    picks, tokens, sizes, owners = [], [], [], []
     for r, (g, t) in enumerate(zip(groups, trees)):
         for path, x, tail in zip(t.paths, g.inputs, g.tails):
-            for k in path[len(x) - tail:]:
-                slots.setdefault((r, k), len(slots))
-    flat = torch.tensor([r * width + k for r, k in slots], device=hidden.device)
-    logp = F.log_softmax(head(hidden.reshape(-1, hidden.shape[-1])[flat]).float(), dim=-1)
-    return [[logp[torch.tensor([slots[r, k] for k in path[len(x) - tail:]], device=logp.device)]
-             for path, x, tail in zip(t.paths, g.inputs, g.tails)]
-            for r, (g, t) in enumerate(zip(groups, trees))]
+            for c in targets[x]:
+                if not 0 < len(c) <= tail:
+                    raise ValueError(f"a continuation of {len(c)} tokens for an input scored at its last {tail}")
+                for k, token in zip(path[len(x) - len(c):], c):
+                    picks.append(slots.setdefault(r * width + k, len(slots)))
+                    tokens.append(token)
+                sizes.append(len(c))
+            owners.append((x, len(targets[x])))
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[torch.tensor(list(slots), device=hidden.device)]).float()
+    picks_t = torch.tensor(picks, device=logits.device)
+    values = logits[picks_t, torch.tensor(tokens, device=logits.device)] - torch.logsumexp(logits, dim=-1)[picks_t]
+    sums = iter([float(v.sum()) for v in torch.split(values, sizes)])
+    return {x: [next(sums) for _ in range(n)] for x, n in owners}
 
 
-def score_inputs(model, inputs: list[tuple[int, ...]], tails: list[int], batch_size: int, device, collect) -> None:
-    """Plan, pack and run shared-prefix scoring of distinct ``inputs``; ``collect(input, logp)``
-    receives each input's log-probabilities at its last ``tails[i]`` positions (:func:`forward_trees`)."""
-    groups = plan_groups(inputs, tails)
+def score_inputs(model, targets: dict, batch_size: int, device, collect) -> None:
+    """Plan, pack and run shared-prefix scoring. targets: distinct input -> its continuations
+    (:func:`forward_trees`); ``collect(input, lls)`` receives each input's summed
+    log-probabilities, one per continuation, as soon as its pass is done."""
+    inputs = list(targets)
+    groups = plan_groups(inputs, [max(map(len, targets[x])) for x in inputs])
     pass_cost = PASS_COST.get(torch.device(device).type, OTHER_PASS_COST)
     for chunk in passes(groups, batch_size, pass_cost):
-        batch = [groups[g] for g in chunk]
-        for g, logps in zip(batch, forward_trees(model, batch, device)):
-            for x, logp in zip(g.inputs, logps):
-                collect(x, logp)
+        for x, lls in forward_trees(model, [groups[g] for g in chunk], targets, device).items():
+            collect(x, lls)
