@@ -361,8 +361,10 @@ def markdown(res: dict) -> str:
     lines = ["# FedPruner on CommonsenseQA (SmolLM2-135M, memory-budgeted fleet, several seeds)", "",
              "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fedpruner/run_csqa.py "
              "--seeds 0,1,2`", "",
-             f"Accuracy in % on `{TASK}` (acc_norm, the task's metric; acc beside it) and lettered `{LETTER_TASK}` (acc), "
-             f"{res['settings']['eval_questions']} validation questions; mean, sample sd and per seed.", "",
+             f"Accuracy in % on `{TASK}` (acc_norm, the task's metric; acc beside it), the first "
+             f"{res['settings']['eval_questions']} validation questions; mean, sample sd and per seed. Lettered "
+             f"`{LETTER_TASK}` (lm-eval's format): " + ("scored on the same questions." if res["settings"]["letter"] else
+                                                       "not scored (`--letter`)."), "",
              "| method | acc_norm mean | sd | per seed | acc mean | lettered acc | held-out answer loss | device-rounds | CPU s per run |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     b = res.get("base_model")
@@ -408,7 +410,10 @@ def markdown(res: dict) -> str:
     for n, r in res["memory"].items():
         lines.append(f"| {n} | {r['budget_mib']:.0f} | {r['what']} | {_f(r.get('predicted_mib'), 0, 1)} | "
                      f"{_f(r.get('peak_mib'), 0, 1)} | {_f(r.get('fraction_of_full'), 3, 1)} |")
-    lines += ["", f"Layers per class as the CommonsenseQA configs compute them: `{res.get('class_layers')}`.", "",
+    lines += ["", f"Layers per class as the CommonsenseQA runs compute them: `{res.get('class_layers')}`. The `budget-25+` "
+              "row is a representative FedPruner+ plan drawn with uniform statistics (for its memory); the blocks "
+              "the runs' devices held are in the per-class table above, and round-1 plans with real statistics in "
+              "[plus_blocks.md](plus_blocks.md).", "",
               "## Summary", "", "```json",
               json.dumps({k: v for k, v in s.items() if k not in OURS}, indent=1), "```", "",
               "Shortcuts: " + res["shortcuts"], ""]
