@@ -224,6 +224,26 @@ def test_shared_prefix_log_probs_equal_a_full_forward_and_the_full_path(arch, at
             assert abs(ll - float(old[x][-len(c):].gather(-1, target).sum())) < PER_TOKEN * len(c)
 
 
+def test_shared_prefix_rounds_like_the_full_path_on_a_large_vocabulary(one_thread):
+    """float32 log_softmax over ~50k logits is off from the exact value by up to ~1e-5 per token,
+    consistently; lm-eval and the full path use it, so shared-prefix must too (logit - logsumexp
+    would land 1e-4 away from them on 30-token continuations)."""
+    model = tiny_model("llama", vocab_size=49152, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # logits spanning about +-25, like SmolLM2's
+    rng = random.Random(8)
+    ctx = _seq(rng, 20, hi=49152)
+    inputs = [ctx + _seq(rng, 30, hi=49152) for _ in range(3)]
+    full = forward_tails(model, inputs, [30] * 3, "cpu")
+    # the likeliest tokens as continuations: a small sum, whose float32 rounding is a few 1e-6
+    targets = {x: [tuple(logp.argmax(-1).tolist())] for x, logp in zip(inputs, full)}
+    got = {}
+    score_inputs(model, targets, batch_size=8, device="cpu", collect=got.__setitem__)
+    for x, logp in zip(inputs, full):
+        want = float(logp.gather(-1, torch.tensor(targets[x][0])[:, None]).sum())
+        assert -100 < want < 0 and abs(got[x][0] - want) < 3e-5, (got[x][0], want)  # logsumexp: 1e-4
+
+
 def _task_requests():
     """Real requests: boolq (one-token continuations, passages longer than the tiny model's 256
     positions), piqa, winogrande (one continuation after different contexts), hellaswag,
