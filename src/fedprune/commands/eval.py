@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="perplexity window length in tokens (2 .. the model's context)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="first N windows of each perplexity task and first N examples of each zero-shot task")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="zero-shot requests per forward pass (shared-prefix scoring packs a question's choices "
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="zero-shot requests per forward pass (shared-prefix scoring packs a question's choices "
                         "into one row; a pass then holds at most the tokens of that many padded requests)")
     p.add_argument("--ppl-batch-size", type=positive_int, default=1, help="perplexity windows per forward pass")
     p.add_argument("--scoring", default="shared-prefix", choices=("shared-prefix", "full"),
