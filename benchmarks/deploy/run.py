@@ -5,8 +5,9 @@
 
 Models (``--work``, default ``outputs/deploy/``; checkpoints and GGUF files are reused when present):
 ``dense``; COMP at ``--ratios`` (default 20/30/50 %) without and with ``-o width_multiple=--width-multiple``
-(``comp-30-w256``: every layer's kept FFN width and attention width a multiple of 256, llama.cpp's
-k-quant block, so ``down_proj``/``o_proj`` rows quantize as k-quants); the ``--peer`` pruner at
+(``comp-30-w256``: every pruned layer's kept FFN width a multiple of 256, llama.cpp's k-quant block,
+so ``down_proj`` rows quantize as k-quants; SmolLM2's attention width cannot be rounded to 256 - 3, 6
+or 9 heads of 64 - and its 576-wide hidden rows fall back in the dense model too); the ``--peer`` pruner at
 ``--peer-ratio`` (default LLM-Pruner at 30 %, the best peer at 30 % in ``benchmarks/pruning``). All pruned
 with C4 calibration ``--nsamples`` x ``--seq-len`` tokens, seed 0.
 
