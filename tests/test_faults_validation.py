@@ -159,7 +159,7 @@ def test_comp_option_typo_is_refused_before_loading(model_dir, tmp_path, capsys,
     ("llm_pruner", "first_layers", "batch_size, first_layer, last_layer_offset"),
     ("shortgpt", "damp", "batch_size"),
     ("sleb", "head_sparsity", "batch_size"),
-    ("magnitude", "batch_size", "none (it takes no options)"),
+    ("magnitude", "batch_size", "width_multiple"),
 ])
 def test_peer_method_option_typos_are_refused_with_the_known_list(model_dir, tmp_path, method, typo, known, capsys,
                                                                   no_loading):
