@@ -161,8 +161,6 @@ def _check_llamacpp_args(args, tasks: list[str]) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-
     from .. import load_model, load_tokenizer
     from ..evaluate import evaluate, parse_tasks
     from ..outputs import check_file_output
@@ -179,17 +177,9 @@ def run(args) -> int:
     if args.backend == "llama.cpp":
         from ..deploy.llamacpp_eval import evaluate_gguf
 
-        try:
-            result = evaluate_gguf(args.model, tasks, seq_len=args.seq_len, limit=args.limit, data_dir=args.data_dir,
-                                   n_threads=args.threads, name=str(args.model),
-                                   on_result=writer.progress if args.output else None)
-        except BaseException as exc:
-            writer.failed(exc)
-            raise
-        Console().print(results_table(result))
-        if args.output:
-            writer.done(result)
-        return 0
+        return _score_and_write(writer, args, lambda on_result: evaluate_gguf(
+            args.model, tasks, seq_len=args.seq_len, limit=args.limit, data_dir=args.data_dir,
+            n_threads=args.threads, name=str(args.model), on_result=on_result))
     if args.lora:
         from ..federated.merged import load_merged_run
 
@@ -197,10 +187,18 @@ def run(args) -> int:
     else:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
         tokenizer = load_tokenizer(args.model)
+    return _score_and_write(writer, args, lambda on_result: evaluate(
+        model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit, batch_size=args.batch_size,
+        data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size, scoring=args.scoring,
+        name=f"{args.model}+lora:{args.lora}" if args.lora else str(args.model), on_result=on_result))
+
+
+def _score_and_write(writer, args, score) -> int:
+    """Run ``score(on_result)``, recording progress and failure in ``--output``, then print the table."""
+    from rich.console import Console
+
     try:
-        result = evaluate(model, tokenizer, tasks=tasks, seq_len=args.seq_len, limit=args.limit,
-                          batch_size=args.batch_size, data_dir=args.data_dir, ppl_batch_size=args.ppl_batch_size,
-                          scoring=args.scoring, name=f"{args.model}+lora:{args.lora}" if args.lora else str(args.model), on_result=writer.progress if args.output else None)
+        result = score(writer.progress if args.output else None)
     except BaseException as exc:
         writer.failed(exc)
         raise
