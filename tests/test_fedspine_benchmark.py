@@ -44,3 +44,23 @@ def test_summary_by_hand(bench):
     assert s["compute_share"] == {"fedspine": pytest.approx(0.8), "fedit": pytest.approx(0.4),
                                   "fedmp": pytest.approx(0.8)}
     assert s["reference_params"] == 6.74e9
+
+
+def test_pruned_baselines_take_fedspines_reached_sparsity(bench):
+    """Equal sparsity: the uniform baselines' ratio is the mean deployed sparsity of FedSpine's cool-down
+    rounds in the same seed; without FedSpine's result they are refused; HetLoRA ranks go by class."""
+    with pytest.raises(SystemExit, match="run fedspine for this seed first"):
+        bench.equal_sparsity("fedspine", "compute", 0, 1.0)
+    curve = [{"round": 0, "deployed_loss": 3.0, "sim_time_s": 0}] + [
+        {"round": i, "deployed_loss": 2.5, "sim_time_s": i, "deployed_sparsity": s}
+        for i, s in enumerate([0.1, 0.2, 0.28, 0.3, 0.32], start=1)]
+    p = bench.result_path("compute", "fedspine", 0, 1.0)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"method": "fedspine", "seed": 0, "curve": curve, "settings": {"cooldown": 2}}))
+    assert bench.equal_sparsity("fedspine", "compute", 0, 1.0) == pytest.approx(0.31)  # mean of 0.3, 0.32
+    assert bench.equal_sparsity("0.25", "compute", 5, 1.0) == 0.25
+    with pytest.raises(SystemExit, match="--equal-sparsity"):
+        bench.equal_sparsity("half", "compute", 0, 1.0)
+    over, opts = bench.method_overrides("hetlora-prune", {**bench.DEFAULTS, "fleet": "tx2:2,agx-xavier:1"}, 0.31)
+    assert opts["p_range"] == [0.31, 0.31] and opts["device_ranks"] == [4, 4, 16]
+    assert bench.METHODS[0] == "fedspine"

@@ -141,3 +141,19 @@ def test_warmup_and_cooldown_rounds_tune_only(tokenizer, tmp_path):
     bad = load_config(None, FAST + ['federation.options={"warmup_rounds": 2, "cooldown_rounds": 1}'])
     with pytest.raises(ValueError, match="no pruning round"):
         Simulation(bad, tmp_path / "bad", model=tiny_model("llama", vocab_size=len(tokenizer)), tokenizer=tokenizer)
+
+
+def test_device_ranks_fix_each_devices_rank(tokenizer, tmp_path):
+    """HetLoRA-style baseline: every pruning round trains each device at its own rank, whatever the
+    chooser drew; a rank outside federation.ranks is refused by name."""
+    ranks = [2, 2, 4, 4, 2, 4]
+    opts = {"chooser": "random", "p_range": [0.2, 0.2], "reconcile": "hetlora", "interval": 1,
+            "device_ranks": ranks}
+    cfg = load_config(None, FAST + ["federation.rounds=2", f"federation.options={json.dumps(opts)}"])
+    sim = Simulation(cfg, tmp_path / "run", model=tiny_model("llama", vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    sim.run()
+    trace = sim.global_.meta["trace"]
+    assert len(trace) == 6 and all(t["rank"] == ranks[t["device"]] for t in trace)
+    bad = load_config(None, FAST + ['federation.options={"reconcile": "hetlora", "device_ranks": [2, 8, 4, 4, 2, 4]}'])
+    with pytest.raises(ValueError, match=r"device_ranks \[8\] are not in federation.ranks"):
+        Simulation(bad, tmp_path / "bad", model=tiny_model("llama", vocab_size=len(tokenizer)), tokenizer=tokenizer)

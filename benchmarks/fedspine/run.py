@@ -20,10 +20,16 @@ Methods (same seeds, fleet, split, schedule and evaluation):
   fedit          FedIT, rank 8, no pruning (deploys the dense model)
   hetlora        HetLoRA, rank by device class (TX2 4, Xavier NX 8, AGX 16), no pruning
   fedit-prune    FedIT + the same iterative prune-and-tune at a uniform ratio P, rank 8
-  hetlora-prune  HetLoRA aggregation (zero-padding) + uniform ratio P; ranks 4/8/16 drawn per round
-                 (approximation: HetLoRA fixes a rank per device class)
+  hetlora-prune  HetLoRA aggregation (zero-padding) + uniform ratio P; each device keeps its class's
+                 rank (TX2 4, Xavier NX 8, AGX 16) every round (``device_ranks``)
   fedmp          a bandit (S-UCB) over the ratio only, rank 8 (FedMP-style)
   fedspine       S-UCB over (ratio, rank), FlexLoRA reconciliation (the method)
+
+Equal sparsity (``--equal-sparsity``, default ``fedspine``): the uniform ratio P of the pruned
+baselines is the sparsity FedSpine reached in the same seed and regime, the mean
+``deployed_sparsity`` of its cool-down rounds (masks fixed there; the last round when it has
+none), so FedSpine runs first and a pruned baseline without FedSpine's result is refused; a number
+fixes P instead (the earlier default was 0.3). Each result records its P (``equal_sparsity_p``).
 
 Time to target is measured on what each method deploys: every round, the data-weighted mean
 held-out loss of the participating devices' pruned models (base + global LoRA under each
@@ -48,7 +54,7 @@ OUT = HERE / "results"
 ROOT = HERE.parents[1]
 
 REFERENCE = {"compute": 6.74e9, "comm": 0.0}  # LLaMA-2-7B-class deployment vs the trained model's own size
-P_EQUAL = 0.3  # the uniform ratio of the pruned baselines (and FedSpine's p_range centre)
+P_EQUAL = 0.3  # FedSpine's p_range centre; the pruned baselines' ratio only with --equal-sparsity 0.3
 TARGET_FRACTION = 0.5
 FLEET = "tx2:9,xavier-nx:12,agx-xavier:3"
 DEFAULTS = {"rounds": 80, "per_round": 6, "local_steps": 16, "interval": 4, "recovery": 4, "warmup": 4,
@@ -56,7 +62,8 @@ DEFAULTS = {"rounds": 80, "per_round": 6, "local_steps": 16, "interval": 4, "rec
 HET_RANKS = {"tx2": 4, "xavier-nx": 8, "agx-xavier": 16}
 BASELINES = ("fedit", "hetlora", "fedit-prune", "hetlora-prune", "fedmp")
 PRUNED_BASELINES = ("fedit-prune", "hetlora-prune", "fedmp")
-METHODS = BASELINES + ("fedspine",)
+PRUNED_UNIFORM = ("fedit-prune", "hetlora-prune")  # run at FedSpine's reached sparsity
+METHODS = ("fedspine",) + BASELINES  # FedSpine first: the uniform baselines take its sparsity
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -68,21 +75,54 @@ def spine_options(s: dict, **kw) -> dict:
     return opts
 
 
-def method_overrides(name: str, s: dict) -> tuple[list[str], dict]:
-    """(config overrides, federation.options) of one method."""
+def class_ranks(fleet: str) -> list[int]:
+    """HetLoRA's rank of every device of ``fleet``, in fleet order (by device class)."""
     from fedprune.federated.devices import parse_fleet
 
-    uniform = {"chooser": "random", "p_range": [P_EQUAL, P_EQUAL]}
+    return [HET_RANKS[p.name.split("@")[0].split("*")[0]] for p in parse_fleet(fleet)]
+
+
+def reached_sparsity(entry: dict) -> float:
+    """The sparsity a FedSpine run reached: the mean ``deployed_sparsity`` of its cool-down rounds
+    (masks fixed there), or of its last round when it has none."""
+    curve = [c for c in entry["curve"] if c.get("deployed_sparsity") is not None]
+    if not curve:
+        raise ValueError(f"{entry.get('method')} seed {entry.get('seed')}: no deployed_sparsity in its curve")
+    cool = int(entry["settings"].get("cooldown", 0))
+    last = curve[-cool:] if cool > 0 else curve[-1:]
+    return statistics.fmean(float(c["deployed_sparsity"]) for c in last)
+
+
+def equal_sparsity(equal: str, regime: str, seed: int, speed: float) -> float:
+    """The pruned baselines' uniform ratio: a number, or (``fedspine``) FedSpine's reached sparsity."""
+    if equal != "fedspine":
+        try:
+            p = float(equal)
+        except ValueError:
+            p = -1.0
+        if not 0 <= p < 1:
+            raise SystemExit(f"--equal-sparsity must be 'fedspine' or a ratio in [0, 1), got {equal}")
+        return p
+    path = result_path(regime, "fedspine", seed, speed)
+    if not path.exists():
+        raise SystemExit(f"the pruned baselines run at FedSpine's reached sparsity, but {path} does not exist: "
+                         "run fedspine for this seed first, or give --equal-sparsity P")
+    return round(reached_sparsity(json.loads(path.read_text())), 4)
+
+
+def method_overrides(name: str, s: dict, p_equal: float = P_EQUAL) -> tuple[list[str], dict]:
+    """(config overrides, federation.options) of one method; ``p_equal`` is the pruned baselines' ratio."""
+    uniform = {"chooser": "random", "p_range": [p_equal, p_equal]}
     if name == "fedit":
         return ["federation.strategy=fedit", "federation.ranks=[]", "lora.rank=8"], {}
     if name == "hetlora":
-        ranks = [HET_RANKS[p.name.split("@")[0].split("*")[0]] for p in parse_fleet(s["fleet"])]
-        return ["federation.strategy=hetlora", f"federation.ranks={json.dumps(ranks)}"], {}
+        return ["federation.strategy=hetlora", f"federation.ranks={json.dumps(class_ranks(s['fleet']))}"], {}
     spine = ["federation.strategy=fedspine"]
     if name == "fedit-prune":
         return spine + ["federation.ranks=[8]"], spine_options(s, reconcile="fedavg", **uniform)
     if name == "hetlora-prune":
-        return spine + ["federation.ranks=[4,8,16]"], spine_options(s, reconcile="hetlora", **uniform)
+        return spine + ["federation.ranks=[4,8,16]"], spine_options(s, reconcile="hetlora",
+                                                                    device_ranks=class_ranks(s["fleet"]), **uniform)
     if name == "fedmp":
         return spine + ["federation.ranks=[8]"], spine_options(s, chooser="s-ucb", reconcile="fedavg")
     if name == "fedspine":
@@ -90,13 +130,13 @@ def method_overrides(name: str, s: dict) -> tuple[list[str], dict]:
     raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
-def method_config(name: str, s: dict, seed: int, regime: str):
+def method_config(name: str, s: dict, seed: int, regime: str, p_equal: float = P_EQUAL):
     import yaml
 
     from fedprune.federated.config import FederatedConfig, apply_overrides
 
     d = yaml.safe_load((ROOT / "configs/federated/fedspine.yaml").read_text())
-    overrides, options = method_overrides(name, s)
+    overrides, options = method_overrides(name, s, p_equal)
     n = sum(int(x.split(":")[1]) for x in s["fleet"].split(","))
     common = [
         f"model.name={s['model']}", f"model.tokenizer={'tiny-bpe' if s['model'] == 'tiny-llama' else s['model']}", "data.partition=dirichlet",
@@ -159,12 +199,14 @@ def result_path(regime: str, name: str, seed: int, speed: float) -> Path:
     return OUT / regime / f"{tag}.json"
 
 
-def run_one(name: str, s: dict, seed: int, regime: str, speed: float, stop_after: int | None = None) -> dict:
+def run_one(name: str, s: dict, seed: int, regime: str, speed: float, stop_after: int | None = None,
+            equal: str = "fedspine") -> dict:
     from fedprune import atomic
     from fedprune.federated.runtime.simulation import CHECKPOINT
 
+    p_equal = equal_sparsity(equal, regime, seed, speed) if name in PRUNED_UNIFORM else None
     s = dict(s, fleet=scaled_fleet(s["fleet"], speed))
-    cfg = method_config(name, s, seed, regime)
+    cfg = method_config(name, s, seed, regime, P_EQUAL if p_equal is None else p_equal)
     tag = result_path(regime, name, seed, speed).stem
     run_dir = OUT / "runs" / regime / tag
     if stop_after is not None:  # a pilot: a fresh directory of its own, never mixed with a real run
@@ -178,6 +220,7 @@ def run_one(name: str, s: dict, seed: int, regime: str, speed: float, stop_after
             "compute_share", "round_wall_s", "eval_s", "deployed_eval_s", "bytes_up", "bytes_down")
     entry = {"method": name, "seed": seed, "regime": regime, "speed_scale": speed,
              "reference_params": REFERENCE[regime], "cost_scale": sim.cost_scale.to_dict(), "settings": s,
+             "equal_sparsity_p": p_equal,
              "curve": [{k: m[k] for k in keys if k in m} for m in curve], "wall_s": wall,
              "rounds_done": sim.round}
     trace = sim.global_.meta.get("trace")
@@ -267,11 +310,13 @@ def main(argv=None) -> int:
                                                          "(fresh directory), report its CPU time, write no result")
     ap.add_argument("--report", action="store_true", help="only print the summary of finished runs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--equal-sparsity", default="fedspine",
+                    help="the uniform pruned baselines' ratio: 'fedspine' (its reached sparsity, same seed) or a number")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = {k: getattr(args, k) for k in DEFAULTS} | {"model": args.model, "fleet": args.fleet}
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    methods = args.methods or list(METHODS)
+    methods = sorted(args.methods or METHODS, key=lambda m: METHODS.index(m) if m in METHODS else -1)
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
@@ -283,7 +328,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         if args.pilot:
             t_cpu, t0 = time.process_time(), time.perf_counter()
-            e = run_one(methods[0], s, seeds[0], args.regime, args.speed_scale, stop_after=args.pilot)
+            e = run_one(methods[0], s, seeds[0], args.regime, args.speed_scale, stop_after=args.pilot,
+                        equal=args.equal_sparsity)
             cpu, wall = time.process_time() - t_cpu, time.perf_counter() - t0
             rounds = [c for c in e["curve"] if c["round"] > 0]
             per_round = statistics.fmean(c["round_wall_s"] for c in rounds)
@@ -307,7 +353,7 @@ def main(argv=None) -> int:
                     logging.info("%s seed %d (%s): done already", m, seed, args.regime)
                     continue
                 logging.info("=== %s, seed %d, regime %s ===", m, seed, args.regime)
-                run_one(m, s, seed, args.regime, args.speed_scale)
+                run_one(m, s, seed, args.regime, args.speed_scale, equal=args.equal_sparsity)
     summary = summarise(args.regime, args.speed_scale)
     from fedprune import atomic
 

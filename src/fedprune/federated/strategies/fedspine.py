@@ -98,6 +98,10 @@ class FedSpineOptions:
     """local steps after the last prune step of a round, before upload (capped at local_steps - 1)"""
     protect_layers: Sequence[int] = (0, -1)
     """layers that are never pruned (-1 = the last); the others prune more to reach the ratio"""
+    device_ranks: Sequence[int] | None = None
+    """a fixed LoRA rank per device, in fleet order (a HetLoRA-style baseline: the rank is the
+    device's, every round); the chooser then only picks the ratio. Each rank must be one of
+    ``federation.ranks``."""
 
     def __post_init__(self):
         from ...fedspine.aggregate import RECONCILE
@@ -128,6 +132,10 @@ class FedSpineOptions:
         if self.phase_rank is not None and int(self.phase_rank) < 1:
             raise ValueError(f"fedspine phase_rank must be >= 1, got {self.phase_rank}")
         self.protect_layers = [int(i) for i in self.protect_layers]
+        if self.device_ranks is not None:
+            self.device_ranks = [int(r) for r in self.device_ranks]
+            if not self.device_ranks or min(self.device_ranks) < 1:
+                raise ValueError(f"fedspine device_ranks must be a non-empty list of ranks >= 1, got {self.device_ranks}")
 
 
 class FedSpine(LoraStrategy):
@@ -153,6 +161,10 @@ class FedSpine(LoraStrategy):
         if o.phase_rank is not None and int(o.phase_rank) not in self.ranks:
             raise ValueError(f"fedspine phase_rank={o.phase_rank} is not one of federation.ranks {self.ranks}")
         self.phase_rank = int(o.phase_rank) if o.phase_rank is not None else max(self.ranks)
+        self.device_ranks = list(o.device_ranks) if o.device_ranks is not None else None
+        if self.device_ranks is not None and not set(self.device_ranks) <= set(self.ranks):
+            raise ValueError(f"fedspine device_ranks {sorted(set(self.device_ranks) - set(self.ranks))} are not in "
+                             f"federation.ranks {self.ranks}")
         self.total_rounds: int | None = None  # set by bind (the cool-down needs the run's length)
 
     def bind(self, model_config, cfg) -> None:
@@ -254,6 +266,11 @@ class FedSpine(LoraStrategy):
                 arm, source = ch.select(), "device"
                 meta["bandits"][str(c.cid)] = ch.state_dict()  # the RNG moved
             assert isinstance(arm, Arm)
+            if self.device_ranks is not None:  # the device's own rank, whatever the chooser drew
+                if c.cid >= len(self.device_ranks):
+                    raise ValueError(f"fedspine device_ranks has {len(self.device_ranks)} entries; device {c.cid} "
+                                     "has none (give one rank per device of the fleet)")
+                arm = Arm(arm.p, self.device_ranks[c.cid], arm.point)
             meta["pending"][str(c.cid)] = {"round": round_idx, "source": source, **arm.to_dict()}
             extra = {"ratio": float(arm.p), "interval": self.interval, "momentum": self.momentum,
                      "row_masks": meta["masks"].get(str(c.cid)), "recovery_steps": int(o.recovery_steps),
