@@ -408,3 +408,35 @@ def test_mask_options_from_text_and_bad_values_are_named():
                      ({"mask_fallback": "x"}, "mask_fallback must be")):
         with pytest.raises(ValueError, match=msg):
             method_options("comp", bad)
+
+
+@pytest.mark.parametrize("name", ["rescale_obs", "compensated"])
+def test_greedy_inverse_criteria_keep_one_of_a_redundant_pair(name):
+    """Two identical high-energy units each look removable while the other stays (large (M^-1)_jj).
+    Removing units one at a time re-scores the survivor, which is then kept; for rescale_obs, removing
+    in chunks of two (the earlier scheme) drops both copies."""
+    from fedprune.pruning.criteria.neuron import UnitStats, _greedy_inverse_scores
+
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(400, 24, generator=g, dtype=torch.float64) * 0.3
+    H[:, 1] = H[:, 0] = torch.randn(400, generator=g, dtype=torch.float64) * 5.0  # a loud duplicated unit
+    W = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    W[:, 1] = W[:, 0]
+    G = H.T @ H
+    st = UnitStats(G=G, w_norm2=(W ** 2).sum(0), A=(W.T @ W) * G)
+    order = removal_order(name, st, 12)
+    assert len({0, 1} & set(order)) == 1  # one copy goes, the other is kept
+    M, num = (st.A, torch.ones(24, dtype=torch.float64)) if name == "rescale_obs" else (st.G, st.w_norm2)
+    if name == "rescale_obs":
+        chunked = _greedy_inverse_scores(M, num, 12, 0.01, chunks=6)
+        assert {0, 1} <= set(torch.argsort(chunked)[:12].tolist())
+    # the one-at-a-time downdate equals re-inverting the kept block from scratch
+    from fedprune.pruning.criteria.neuron import _damped_inverse
+
+    inv = _damped_inverse(M, 0.01)
+    first = order[0]
+    rest = [j for j in range(24) if j != first]
+    direct = torch.linalg.inv(torch.linalg.inv(inv)[rest][:, rest])
+    col = inv[:, first]
+    down = inv - torch.outer(col, col) / col[first]
+    torch.testing.assert_close(down[rest][:, rest], direct, rtol=1e-8, atol=1e-10)

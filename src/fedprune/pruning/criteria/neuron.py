@@ -21,10 +21,10 @@ Candidates (``comp.md`` C1..C4), all ranking *high = keep*:
                   matrix of the centred activations: collinear units score low.
 ``compensated``   C3, ``||w_j||^2 / (G^-1)_jj``: the output error left when unit j is removed
                   and the remaining units' weights are re-fitted optimally (OBS, structured).
-                  Greedy: remove a chunk, downdate ``G^-1`` by a Schur complement, re-score.
+                  Greedy: remove one unit, downdate ``G^-1`` (rank 1), re-score.
 ``rescale_obs``   C4 (was ``mask_lsq``), ``1 / (A^-1)_jj``: the OBS-style leave-one-out error left when
                   j is removed and the others may only be *re-scaled* (exactly what mask tuning can
-                  recover), re-scored greedily. Not a condition number.
+                  recover), re-scored greedily one unit at a time. Not a condition number.
 ``top_eig_energy`` C1 (was ``cond_loo``), one ``eigh`` of ``A``: a unit's energy inside the span of the
                   ``k - n`` largest eigen-directions, ``sum_{top} lambda_i v_ij^2``; units that carry the
                   small-eigenvalue (ill-conditioned) directions score low. Not a condition number.
@@ -75,18 +75,45 @@ def _damped_inverse(M: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _greedy_inverse_scores(M: torch.Tensor, numer: torch.Tensor, n_remove: int, damp: float,
-                           chunks: int = 8) -> torch.Tensor:
-    """Greedy backward elimination scoring ``numer_j / (M^-1)_jj``, re-scored after each chunk.
+                           chunks: int = 0) -> torch.Tensor:
+    """Greedy backward elimination scoring ``numer_j / (M^-1)_jj``, re-scored after every removal.
 
+    ``chunks=0`` (default): one unit at a time, each removal a rank-1 downdate of the inverse of the
+    kept block, ``M_S^-1 <- M_S^-1 - c c^T / c_j`` with ``c`` the removed unit's column (``O(k^2)``
+    per unit), so of two redundant units the second is re-scored after the first goes and kept.
+    ``chunks=N``: N chunks, each a Schur-complement update (cheaper, can drop both of a pair).
     Returns a rank score per unit (higher = keep): removed units in removal order first.
     """
     k = M.shape[0]
     inv = _damped_inverse(M, damp)
     alive = torch.ones(k, dtype=torch.bool)
     rank = torch.empty(k, dtype=torch.float64)
-    pos = 0
-    step = max(1, -(-n_remove // chunks)) if n_remove > 0 else k
     numer = numer.double()
+    if chunks <= 0:
+        for pos in range(n_remove):
+            score = torch.where(alive, numer / inv.diagonal().clamp_min(1e-30), torch.inf)
+            j = int(torch.argmin(score))
+            rank[j] = pos
+            alive[j] = False
+            col = inv[:, j].clone()
+            inv.sub_(torch.outer(col, col) / col[j].clamp_min(1e-30))
+            inv[j, :] = 0
+            inv[:, j] = 0
+    else:
+        _chunked_elimination(inv, numer, n_remove, chunks, alive, rank)
+    idx = alive.nonzero().squeeze(1)
+    if len(idx):
+        final = numer[idx] / inv[idx][:, idx].diagonal().clamp_min(1e-30)
+        order = torch.argsort(torch.argsort(final)).double()
+        rank[idx] = n_remove + order
+    return rank
+
+
+def _chunked_elimination(inv: torch.Tensor, numer: torch.Tensor, n_remove: int, chunks: int,
+                         alive: torch.Tensor, rank: torch.Tensor) -> None:
+    """``chunks`` removals of about ``n_remove / chunks`` units each (in place on ``inv``, ``alive``, ``rank``)."""
+    pos = 0
+    step = max(1, -(-n_remove // chunks)) if n_remove > 0 else 1
     while pos < n_remove:
         idx = alive.nonzero().squeeze(1)
         sub = inv[idx][:, idx]
@@ -106,12 +133,6 @@ def _greedy_inverse_scores(M: torch.Tensor, numer: torch.Tensor, n_remove: int, 
         new_sub = S - B @ torch.linalg.solve(C, B.T)
         kept = idx[keep_local]
         inv[kept.unsqueeze(1), kept.unsqueeze(0)] = new_sub
-    idx = alive.nonzero().squeeze(1)
-    if len(idx):
-        final = numer[idx] / inv[idx][:, idx].diagonal().clamp_min(1e-30)
-        order = torch.argsort(torch.argsort(final)).double()
-        rank[idx] = n_remove + order
-    return rank
 
 
 def energy(s: UnitStats, n_remove: int, damp: float = 0.01) -> torch.Tensor:
