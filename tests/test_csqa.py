@@ -194,3 +194,10 @@ def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
         assert m["acc_task"] == "commonsense_qa_cloze" and m["acc_examples"] == 5 and m["test_loss"] > 0
     # round 0 is the untouched base model: its accuracy is the harness's on the same 5 questions
     assert {k: metrics[0][k] for k in ("acc", "acc_norm")} == before
+    # `fedprune report` shows the accuracy columns of a multiple-choice run, round by round
+    from fedprune.federated.report import write_report
+
+    md = write_report(tmp_path / "run").read_text()
+    assert "| acc | acc_norm |" in md
+    row0 = next(line for line in md.splitlines() if line.startswith("| 0 |"))
+    assert f"| {metrics[0]['acc']:.4g} | {metrics[0]['acc_norm']:.4g} |" in row0

@@ -7,6 +7,10 @@ from pathlib import Path
 from .. import atomic
 
 
+ACCURACY_KEYS = ("acc", "acc_norm")
+"""what ``eval.accuracy_examples`` logs on a multiple-choice dataset (commonsense_qa)"""
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a run's JSON Lines log: a torn last line (a crash mid-write) is skipped, any other
     malformed line is an error naming the file and line (:func:`fedprune.atomic.read_jsonl`)."""
@@ -55,11 +59,14 @@ def markdown(s: dict) -> str:
         lines += [f"strategy **{f['strategy']}**, {f['rounds']} rounds, {f['clients_per_round']} clients/round, "
                   f"model {cfg['model']['name']}, partition {cfg['data']['partition']} "
                   f"({cfg['data']['num_clients']} clients), fleet `{f['fleet']}`", ""]
-    lines += ["| round | test loss | ppl | Rouge-L | train loss | clients ok | sim time (s) | wall (s) | MB up | MB down |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    acc = [k for k in ACCURACY_KEYS if any(k in m for m in s["metrics"])]  # multiple-choice runs only
+    lines += ["| round | test loss | ppl | Rouge-L | " + "".join(f"{k} | " for k in acc)
+              + "train loss | clients ok | sim time (s) | wall (s) | MB up | MB down |",
+              "|---:|---:|---:|---:|" + "---:|" * len(acc) + "---:|---:|---:|---:|---:|---:|"]
     for m in s["metrics"]:
         lines.append("| " + " | ".join([
             str(m["round"]), _fmt(m.get("test_loss")), _fmt(m.get("test_ppl")), _fmt(m.get("rouge_l")),
+            *[_fmt(m.get(k)) for k in acc],
             _fmt(m.get("train_loss")), f"{m.get('clients_ok', '-')}/{m.get('clients_selected', '-')}",
             _fmt(m.get("sim_time_s"), 5), _fmt(m.get("wall_s"), 5),
             _fmt(m.get("bytes_up", 0) / 1e6, 4), _fmt(m.get("bytes_down", 0) / 1e6, 4)]) + " |")
@@ -81,7 +88,7 @@ def plot(s: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     evald = [m for m in s["metrics"] if "test_loss" in m]
-    keys = [k for k in ("test_loss", "rouge_l") if any(k in m for m in evald)]
+    keys = [k for k in ("test_loss", "rouge_l", *ACCURACY_KEYS) if any(k in m for m in evald)]
     paths = []
     for xkey, name, label in (("round", "metrics_rounds.png", "round"),
                               ("sim_time_s", "metrics_simtime.png", "simulated time (s)")):
