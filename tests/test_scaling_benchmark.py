@@ -104,7 +104,7 @@ def test_oom_guard_marks_a_run_with_its_estimate_without_launching(sb, tmp_path)
     saved = json.loads((tmp_path / "results" / "rows" / f"{llm['key']}.json").read_text())
     assert saved["status"] == "oom" and saved["needs_bytes"] == llm["needs_bytes"]
     # COMP streams its weights: its estimate is far below its 13.7 GB of bfloat16 weights, so it is launched
-    assert comp["weight_offload"] == "disk" and comp["estimate_bytes"] < 0.5 * weights
+    assert comp["weight_offload"] == "disk" and comp["estimate_bytes"] < 0.6 * weights
     assert launched == [comp["key"]]
 
 

@@ -229,11 +229,11 @@ def estimate_bytes(method: str, shape: Shape, dtype: str, weight_offload: str, n
       with ``disk`` offload, embeddings/head plus three copies of one decoder layer (the layer, COMP's
       original-weights twin, the float32 copies its statistics take);
     - ``gradients`` (LLM-Pruner): one per parameter in the model's dtype, plus the backward's saved
-      activations, about ``batch x seq x layers x (16 hidden + 5 intermediate + 2 heads x seq)`` float32 values;
-    - ``work``: float64 Gram matrices of the widest input (``2 x intermediate^2 x 8`` for COMP, whose
-      criterion and mask tuning solve on them; one FFN input's ``intermediate^2 x 8`` float32 pair for the others), the
-      calibration streams ``(2 + 1) x tokens x hidden x 4`` and one batch's float32 logits and their
-      log-softmax ``2 x batch x seq x vocab x 4``.
+      activations, about ``batch x seq x layers x (16 hidden + 5 intermediate + 2 heads x seq)`` values in it;
+    - ``work``: float64 ``intermediate x intermediate`` matrices: four for COMP (the FFN inputs' Gram matrix,
+      its damped inverse, and the rank-1 downdate's two temporaries in ``rescale_obs``'s greedy elimination),
+      one for the others; the calibration streams ``(2 + 1) x tokens x hidden x 4`` and one batch's float32
+      logits and their log-softmax ``2 x batch x seq x vocab x 4``.
     """
     v = vocab or shape.vocab
     w = 2 if dtype in ("bfloat16", "float16") else 4
@@ -246,9 +246,9 @@ def estimate_bytes(method: str, shape: Shape, dtype: str, weight_offload: str, n
         parts["weights"] = P * w
     if method == "llm_pruner":
         acts = batch_size * seq_len * shape.layers * (16 * shape.hidden + 5 * shape.intermediate
-                                                       + 2 * shape.heads * seq_len) * 4
+                                                       + 2 * shape.heads * seq_len) * w
         parts["gradients"] = P * w + acts
-    gram = shape.intermediate ** 2 * 8 * (2 if method == "comp" else 1)
+    gram = shape.intermediate ** 2 * 8 * (4 if method == "comp" else 1)
     parts["work"] = gram + 3 * tokens * shape.hidden * 4 + 2 * min(batch_size, nsamples) * seq_len * v * 4
     parts["total"] = sum(parts.values())
     return parts
