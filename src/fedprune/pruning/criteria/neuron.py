@@ -79,8 +79,9 @@ def _greedy_inverse_scores(M: torch.Tensor, numer: torch.Tensor, n_remove: int, 
     """Greedy backward elimination scoring ``numer_j / (M^-1)_jj``, re-scored after every removal.
 
     ``chunks=0`` (default): one unit at a time, each removal a rank-1 downdate of the inverse of the
-    kept block, ``M_S^-1 <- M_S^-1 - c c^T / c_j`` with ``c`` the removed unit's column (``O(k^2)``
-    per unit), so of two redundant units the second is re-scored after the first goes and kept.
+    kept block, ``M_S^-1 <- M_S^-1 - c c^T / c_j`` with ``c`` the removed unit's column (kept as a
+    list of columns, ``O(k t)`` for the t-th removal), so of two redundant units the second is
+    re-scored after the first goes and kept.
     ``chunks=N``: N chunks, each a Schur-complement update (cheaper, can drop both of a pair).
     Returns a rank score per unit (higher = keep): removed units in removal order first.
     """
@@ -90,20 +91,26 @@ def _greedy_inverse_scores(M: torch.Tensor, numer: torch.Tensor, n_remove: int, 
     rank = torch.empty(k, dtype=torch.float64)
     numer = numer.double()
     if chunks <= 0:
+        # The downdates are applied lazily: the current inverse is inv - sum_i u_i u_i^T / p_i over the
+        # columns u_i (pivots p_i) removed so far, so a step costs O(k t), not a k x k update.
+        diag = inv.diagonal().clone()
+        U = torch.empty(k, max(n_remove, 0), dtype=inv.dtype)
+        piv = torch.empty(max(n_remove, 0), dtype=inv.dtype)
         for pos in range(n_remove):
-            score = torch.where(alive, numer / inv.diagonal().clamp_min(1e-30), torch.inf)
+            score = torch.where(alive, numer / diag.clamp_min(1e-30), torch.inf)
             j = int(torch.argmin(score))
             rank[j] = pos
             alive[j] = False
-            col = inv[:, j].clone()
-            inv.sub_(torch.outer(col, col) / col[j].clamp_min(1e-30))
-            inv[j, :] = 0
-            inv[:, j] = 0
+            col = inv[:, j] - U[:, :pos] @ (U[j, :pos] / piv[:pos])
+            U[:, pos], piv[pos] = col, col[j].clamp_min(1e-30)
+            diag -= col * col / piv[pos]
+        final_diag = diag
     else:
         _chunked_elimination(inv, numer, n_remove, chunks, alive, rank)
+        final_diag = inv.diagonal()
     idx = alive.nonzero().squeeze(1)
     if len(idx):
-        final = numer[idx] / inv[idx][:, idx].diagonal().clamp_min(1e-30)
+        final = numer[idx] / final_diag[idx].clamp_min(1e-30)
         order = torch.argsort(torch.argsort(final)).double()
         rank[idx] = n_remove + order
     return rank
