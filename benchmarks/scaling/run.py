@@ -512,13 +512,18 @@ def child_main(jobfile: str) -> int:
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def summary(rows: list[dict]) -> dict:
-    ok_comp = [r for r in rows if r["method"] == "comp" and r["status"] == "ok" and r.get("dtype") == "bfloat16"
-               and r.get("peak_rss_bytes") and r.get("weight_bytes")]
-    return {"caveat": CAVEAT, "rows": sorted(rows, key=lambda r: (r["method"], r["params"])),
-            "exponents": exponents(rows),
-            "comp_peak_over_bf16_weights": {r["shape"]: round(r["peak_rss_bytes"] / r["weight_bytes"], 3)
-                                            for r in ok_comp}}
+def summary(rows: list[dict], greedy: dict | None = None) -> dict:
+    comp = [r for r in rows if r["method"] == "comp" and r["status"] in ("ok", "timeout")
+            and r.get("dtype") == "bfloat16" and r.get("peak_rss_bytes") and r.get("weight_bytes")]
+    out = {"caveat": CAVEAT, "rows": sorted(rows, key=lambda r: (r["method"], r["params"])),
+           "exponents": exponents(rows),
+           "comp_peak_over_bf16_weights": {
+               r["shape"]: {"ratio": round(r["peak_rss_bytes"] / r["weight_bytes"], 3), "status": r["status"],
+                            **({"note": "peak over the part that ran"} if r["status"] != "ok" else {})}
+               for r in comp}}
+    if greedy:
+        out["comp_greedy"] = greedy
+    return out
 
 
 def fmt(x, spec=".1f"):
@@ -531,7 +536,8 @@ def markdown(s: dict) -> str:
              "pruned with C4 calibration (8 windows x 128 tokens unless the row says otherwise), one thread, "
              "`nice -n 5`, on a 2-core machine shared with other benchmarks: CPU seconds (user + system of the "
              "prune's process) are the comparable figure, wall seconds are indicative; load = 1-minute load "
-             "average before the run. Peak RSS = the prune process's maximum resident set.", "",
+             "average before the run. Peak RSS = the prune process's maximum resident set; estimate = the guard's "
+             "estimate when the run was launched.", "",
              "| method | shape | params (M) | dtype | weight offload | status | wall s | CPU s | peak RSS GiB | "
              "estimate GiB | peak / weights | load | note |",
              "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -550,8 +556,21 @@ def markdown(s: dict) -> str:
         lines.append(f"| {m} | {e['points']} | {fmt(e['wall_s_exponent'], '.2f')} | {fmt(e['cpu_s_exponent'], '.2f')} "
                      f"| {fmt(e['peak_rss_bytes_exponent'], '.2f')} |")
     lines += ["", "Peak / weights: peak RSS over the model's weight bytes in its dtype (the issue's bar: COMP at most "
-              "1.2x its bfloat16 weights at the LLaMA-2-7B shape). At small shapes the process's fixed ~0.7 GiB "
-              "(interpreter, torch, tokenizer) dominates it.", ""]
+              "1.2x its bfloat16 weights at the LLaMA-2-7B shape); for a `timeout` row, over the part that ran. At small "
+              "shapes the fixed part (interpreter and libraries, tokenizer, C4 calibration text) dominates it.", ""]
+    if s.get("comp_greedy"):
+        g = s["comp_greedy"]
+        lines += ["COMP's CPU time is mostly its `rescale_obs` criterion's greedy elimination: one rank-1 downdate of a "
+                  "k x k float64 inverse per removed FFN channel (k = FFN width), O(removed x k^2) memory traffic per "
+                  "layer (`comp_greedy.py`, one thread, random SPD matrices: only time is meaningful; removed channels "
+                  "assume 90 % of a "
+                  f"{g.get('ratio', 0.2):.0%} budget in FFN channels):", "",
+                  "| shape | k | matrix MiB | CPU s per removal | fixed CPU s per layer | removed channels | "
+                  "projected greedy CPU h |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in g["rows"]:
+            lines.append(f"| {r['shape']} | {r['k']} | {r['matrix_bytes'] / 2 ** 20:.0f} | {r['step_cpu_s']:.4f} | "
+                         f"{r['fixed_cpu_s']:.1f} | {r['removed_channels']} | {r['projected_greedy_cpu_s'] / 3600:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -591,7 +610,8 @@ def report(results: Path) -> dict:
     from fedprune import atomic
 
     rows = [json.loads(p.read_text()) for p in sorted((results / "rows").glob("*.json"))]
-    s = summary(rows)
+    greedy = results / "comp_greedy.json"
+    s = summary(rows, json.loads(greedy.read_text()) if greedy.exists() else None)
     atomic.write_json(results / "scaling.json", s)
     atomic.write_text(results / "scaling.md", markdown(s))
     if rows:
