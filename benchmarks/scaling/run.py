@@ -393,6 +393,18 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def code_version() -> str | None:
+    """The commit the package's code is at (``+dirty`` when its sources differ from it), None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def launch_child(row: dict, args) -> dict:
     """Prune in a child process (module docstring) and fill ``row`` with what it measured."""
     from fedprune import atomic, load_tokenizer
@@ -447,7 +459,8 @@ def launch_child(row: dict, args) -> dict:
                peak_rss_bytes=max(a["peak_rss_bytes"] for a in attempts),
                load_before=attempts[0]["load_before"], load_after=attempt["load_after"],
                peak_accelerator_bytes=child.get("peak_accelerator_bytes"),
-               host={"cpus": os.cpu_count(), "threads": args.threads, "machine": platform.machine()})
+               host={"cpus": os.cpu_count(), "threads": args.threads, "machine": platform.machine()},
+               code=code_version())
     for k in ("achieved_ratio", "params_after", "base_rss_bytes", "resumed_layers", "prune_wall_s"):
         if k in child:
             row[k] = child[k]
