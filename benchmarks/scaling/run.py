@@ -573,16 +573,15 @@ def markdown(s: dict) -> str:
               "shapes the fixed part (interpreter and libraries, tokenizer, C4 calibration text) dominates it.", ""]
     if s.get("comp_greedy"):
         g = s["comp_greedy"]
-        lines += ["COMP's CPU time is mostly its `rescale_obs` criterion's greedy elimination: one rank-1 downdate of a "
-                  "k x k float64 inverse per removed FFN channel (k = FFN width), O(removed x k^2) memory traffic per "
-                  "layer (`comp_greedy.py`, one thread, random SPD matrices: only time is meaningful; removed channels "
-                  "assume 90 % of a "
-                  f"{g.get('ratio', 0.2):.0%} budget in FFN channels):", "",
-                  "| shape | k | matrix MiB | CPU s per removal | fixed CPU s per layer | removed channels | "
-                  "projected greedy CPU h |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["COMP's neuron criterion (`rescale_obs`) per layer, from `comp_greedy.py` (one thread, random SPD "
+                  "matrices: only time is meaningful; `removed` assumes 90 % of the budget in FFN channels): the float64 "
+                  "inverse of the k x k Gram matrix of the FFN inputs (k = FFN width) and the greedy elimination "
+                  "(lazy rank-1 downdates), projected over the layers:", "",
+                  "| shape | k | matrix MiB | removed per layer | inverse CPU s | greedy CPU s | projected CPU s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in g["rows"]:
-            lines.append(f"| {r['shape']} | {r['k']} | {r['matrix_bytes'] / 2 ** 20:.0f} | {r['step_cpu_s']:.4f} | "
-                         f"{r['fixed_cpu_s']:.1f} | {r['removed_channels']} | {r['projected_greedy_cpu_s'] / 3600:.2f} |")
+            lines.append(f"| {r['shape']} | {r['k']} | {r['matrix_bytes'] / 2 ** 20:.0f} | {r['removed_per_layer']} | "
+                         f"{r['inverse_cpu_s']:.1f} | {r['greedy_cpu_s']:.1f} | {r['projected_criterion_cpu_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
