@@ -464,6 +464,12 @@ def launch_child(row: dict, args) -> dict:
     for k in ("achieved_ratio", "params_after", "base_rss_bytes", "resumed_layers", "prune_wall_s"):
         if k in child:
             row[k] = child[k]
+    from fedprune.models.stream_checkpoint import PROGRESS_FILE, partial_dir
+
+    progress = partial_dir(out_dir) / PROGRESS_FILE
+    if progress.exists():  # an unfinished streamed prune: how far it got (the next run resumes there)
+        row["finished_layers"] = len(json.loads(progress.read_text()).get("finished", {}))
+        row["layers"] = shape.layers
     if proc.returncode == 0 and child.get("ok"):
         row.update(status="ok", reason=None)
         if not args.keep_outputs:
@@ -559,6 +565,8 @@ def markdown(s: dict) -> str:
         note = r.get("reason") or ""
         if len(r.get("attempts", [])) > 1:
             note = (note + f" {len(r['attempts'])} attempts (resumed)").strip()
+        if r["status"] == "timeout" and r.get("finished_layers") is not None:
+            note += f"; {r['finished_layers']} of {r['layers']} decoder layers finished so far"
         lines.append(f"| {r['method']} | {r['shape']} | {r['params'] / 1e6:.0f} | {r.get('dtype')} | {r.get('weight_offload')} "
                      f"| {r['status']} | {fmt(r.get('wall_s'))} | {fmt(r.get('cpu_s'))} | {gib(r.get('peak_rss_bytes'))} | "
                      f"{gib(r.get('estimate_bytes'))} | {fmt(ratio, '.2f')} | {fmt(r.get('load_before'), '.2f')} | "
