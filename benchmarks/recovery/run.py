@@ -349,7 +349,10 @@ def summary(stages: dict, rows: list[dict]) -> dict:
     s["per_pipeline"] = per
     ex = stages.get(EXPORT_ROW, {}).get("export")
     if ex:
-        s["comp20_fed_gguf"] = {"outtype": ex["outtype"], "bytes": ex["bytes"], "mib": ex["mib"]}
+        s["comp20_fed_gguf"] = {"outtype": ex["outtype"], "bytes": ex["bytes"], "mib": ex["mib"],
+                                "bits_per_weight": ex["report"].get("bits_per_weight"),
+                                "fallbacks": len(ex["report"].get("fallbacks") or []),
+                                "matrices": ex["report"].get("matrices")}
     return s
 
 
@@ -433,7 +436,11 @@ def markdown(res: dict) -> str:
         lines.append(f"- {LABELS[row]}: " + "; ".join(parts) + ".")
     g = s.get("comp20_fed_gguf")
     if g:
-        lines.append(f"- COMP 20 % + fed LoRA merged, exported to GGUF ({g['outtype']}): {g['mib']:.1f} MiB "
+        bits = f", {g['bits_per_weight']:.2f} bits per weight" if g.get("bits_per_weight") else ""
+        if g.get("fallbacks"):
+            bits += (f" ({g['fallbacks']} of {g['matrices']} weight tensors stored in another type than asked: "
+                     "llama.cpp's k-quants need rows of a multiple of 256 values; SmolLM2-135M's are 576 wide or pruned)")
+        lines.append(f"- COMP 20 % + fed LoRA merged, exported to GGUF ({g['outtype']}): {g['mib']:.1f} MiB{bits} "
                      f"(`fedprune export --lora RUN_DIR --outtype {g['outtype']}`).")
     lines += ["", "```json", json.dumps({k: v for k, v in s.items() if k != "per_pipeline"}, indent=1), "```", "",
               "Shortcuts: " + res["shortcuts"], ""]
