@@ -103,8 +103,8 @@ def test_oom_guard_marks_a_run_with_its_estimate_without_launching(sb, tmp_path)
     assert "needs about" in llm["reason"] and "gradients" in llm["reason"]
     saved = json.loads((tmp_path / "results" / "rows" / f"{llm['key']}.json").read_text())
     assert saved["status"] == "oom" and saved["needs_bytes"] == llm["needs_bytes"]
-    # COMP streams its weights: its estimate is far below its 13.7 GB of bfloat16 weights, so it is launched
-    assert comp["weight_offload"] == "disk" and comp["estimate_bytes"] < 0.6 * weights
+    # COMP streams its weights: its estimate is below its 13.8 GB of bfloat16 weights, so it is launched
+    assert comp["weight_offload"] == "disk" and comp["estimate_bytes"] < weights < llm["estimate_bytes"] / 2
     assert launched == [comp["key"]]
 
 

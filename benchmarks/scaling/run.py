@@ -230,9 +230,10 @@ def estimate_bytes(method: str, shape: Shape, dtype: str, weight_offload: str, n
       original-weights twin, the float32 copies its statistics take);
     - ``gradients`` (LLM-Pruner): one per parameter in the model's dtype, plus the backward's saved
       activations, about ``batch x seq x layers x (16 hidden + 5 intermediate + 2 heads x seq)`` values in it;
-    - ``work``: float64 ``intermediate x intermediate`` matrices: four for COMP (the FFN inputs' Gram matrix,
-      its damped inverse, and the rank-1 downdate's two temporaries in ``rescale_obs``'s greedy elimination),
-      one for the others; the calibration streams ``(2 + 1) x tokens x hidden x 4`` and one batch's float32
+    - ``work``: float64 ``intermediate x intermediate`` matrices: nine for COMP (the FFN inputs' Gram
+      matrices of its fitted and held-out calibration halves and their merge, the unit statistics, the
+      criterion's inverse, the mask-tuning systems; nine fits the peaks measured from the SmolLM2-360M to
+      the LLaMA-2-7B shape), one for the others; the calibration streams ``(2 + 1) x tokens x hidden x 4`` and one batch's float32
       logits and their log-softmax ``2 x batch x seq x vocab x 4``.
     """
     v = vocab or shape.vocab
@@ -248,7 +249,7 @@ def estimate_bytes(method: str, shape: Shape, dtype: str, weight_offload: str, n
         acts = batch_size * seq_len * shape.layers * (16 * shape.hidden + 5 * shape.intermediate
                                                        + 2 * shape.heads * seq_len) * w
         parts["gradients"] = P * w + acts
-    gram = shape.intermediate ** 2 * 8 * (4 if method == "comp" else 1)
+    gram = shape.intermediate ** 2 * 8 * (9 if method == "comp" else 1)
     parts["work"] = gram + 3 * tokens * shape.hidden * 4 + 2 * min(batch_size, nsamples) * seq_len * v * 4
     parts["total"] = sum(parts.values())
     return parts
@@ -555,13 +556,18 @@ def markdown(s: dict) -> str:
              "pruned with C4 calibration (8 windows x 128 tokens unless the row says otherwise), one thread, "
              "`nice -n 5`, on a 2-core machine shared with other benchmarks: CPU seconds (user + system of the "
              "prune's process) are the comparable figure, wall seconds are indicative; load = 1-minute load "
-             "average before the run. Peak RSS = the prune process's maximum resident set; estimate = the guard's "
-             "estimate when the run was launched.", "",
+             "average before the run. Peak RSS = the prune process's maximum resident set (memory-mapped weight pages "
+             "included while resident); estimate = the guard's memory model (`estimate_bytes`; the row keeps the "
+             "estimate it was launched with).", "",
              "| method | shape | params (M) | dtype | weight offload | status | wall s | CPU s | peak RSS GiB | "
              "estimate GiB | peak / weights | load | note |",
              "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in s["rows"]:
         ratio = r["peak_rss_bytes"] / r["weight_bytes"] if r.get("peak_rss_bytes") and r.get("weight_bytes") else None
+        est = r.get("estimate_bytes")
+        if r.get("shape") in SHAPES and r.get("dtype") and r.get("weight_offload"):  # today's estimate
+            est = estimate_bytes(r["method"], SHAPES[r["shape"]], r["dtype"], r["weight_offload"], 8, 128,
+                                 r.get("vocab"))["total"] if r.get("calibration", "c4 8 x 128") == "c4 8 x 128" else est
         note = r.get("reason") or ""
         if len(r.get("attempts", [])) > 1:
             note = (note + f" {len(r['attempts'])} attempts (resumed)").strip()
@@ -569,7 +575,7 @@ def markdown(s: dict) -> str:
             note += f"; {r['finished_layers']} of {r['layers']} decoder layers finished so far"
         lines.append(f"| {r['method']} | {r['shape']} | {r['params'] / 1e6:.0f} | {r.get('dtype')} | {r.get('weight_offload')} "
                      f"| {r['status']} | {fmt(r.get('wall_s'))} | {fmt(r.get('cpu_s'))} | {gib(r.get('peak_rss_bytes'))} | "
-                     f"{gib(r.get('estimate_bytes'))} | {fmt(ratio, '.2f')} | {fmt(r.get('load_before'), '.2f')} | "
+                     f"{gib(est)} | {fmt(ratio, '.2f')} | {fmt(r.get('load_before'), '.2f')} | "
                      f"{note} |")
     lines += ["", f"Growth exponents k of y ~ params^k (least squares in log-log over the `ok` rows; {CAVEAT}):", "",
               "| method | points | wall s | CPU s | peak RSS |", "|---|---:|---:|---:|---:|"]
