@@ -601,32 +601,55 @@ def markdown(s: dict) -> str:
 
 
 def plot(s: dict, path: Path) -> None:
+    """CPU seconds and peak RSS against parameters, log-log, a line per method through its ``ok`` rows; a
+    stopped (``timeout``) row's figures so far as a hollow marker, an ``oom`` row's estimate as a cross on
+    the memory panel, and the models' bfloat16 weight bytes (dashed) for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in sorted({r["method"] for r in s["rows"]}):
-        ok = sorted((r for r in s["rows"] if r["method"] == method and r["status"] == "ok"
-                     and r.get("cpu_s") and r.get("peak_rss_bytes")), key=lambda r: r["params"])
-        if not ok:
-            continue
-        xs = [r["params"] for r in ok]
-        e = s["exponents"][method]
-        axes[0].plot(xs, [r["cpu_s"] for r in ok], "o-",
-                     label=f"{method} (k={fmt(e['cpu_s_exponent'], '.2f')})")
-        axes[1].plot(xs, [r["peak_rss_bytes"] / 2 ** 30 for r in ok], "o-",
-                     label=f"{method} (k={fmt(e['peak_rss_bytes_exponent'], '.2f')})")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    methods = sorted({r["method"] for r in s["rows"]})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for method in methods:
+        mine = [r for r in s["rows"] if r["method"] == method]
+        ok = sorted((r for r in mine if r["status"] == "ok" and r.get("cpu_s") and r.get("peak_rss_bytes")),
+                    key=lambda r: r["params"])
+        e = s["exponents"].get(method, {})
+        c = colours[method]
+        if ok:
+            xs = [r["params"] for r in ok]
+            axes[0].plot(xs, [r["cpu_s"] for r in ok], "o-", color=c,
+                         label=f"{method} (k={fmt(e.get('cpu_s_exponent'), '.2f')})")
+            axes[1].plot(xs, [r["peak_rss_bytes"] / 2 ** 30 for r in ok], "o-", color=c,
+                         label=f"{method} (k={fmt(e.get('peak_rss_bytes_exponent'), '.2f')})")
+        for r in mine:
+            if r["status"] == "timeout" and r.get("cpu_s") and r.get("peak_rss_bytes"):
+                done = f", {r['finished_layers']}/{r['layers']} layers" if r.get("finished_layers") is not None else ""
+                axes[0].plot([r["params"]], [r["cpu_s"]], "o", mfc="none", color=c,
+                             label=f"{method} {r['shape']} so far (stopped{done})")
+                axes[1].plot([r["params"]], [r["peak_rss_bytes"] / 2 ** 30], "o", mfc="none", color=c,
+                             label=f"{method} {r['shape']} so far")
+            elif r["status"] == "oom" and r.get("needs_bytes"):
+                axes[1].plot([r["params"]], [r["needs_bytes"] / 2 ** 30], "x", color=c, ms=9,
+                             label=f"{method} {r['shape']}: would need (not run)")
+    params = sorted({r["params"] for r in s["rows"] if r.get("weight_bytes")})
+    if params:
+        wb = {r["params"]: r["weight_bytes"] for r in s["rows"] if r.get("weight_bytes")}
+        axes[1].plot(params, [wb[p] / 2 ** 30 for p in params], "--", color="grey", lw=1, label="model weights (dtype)")
+    names = {r["params"]: r["shape"] for r in s["rows"]}
     for ax, what in zip(axes, ("CPU seconds (user + system)", "peak RSS (GiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("parameters")
+        ax.set_xticks(sorted(names), [f"{names[p]}\n{p / 1e9:.2f} B" for p in sorted(names)], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("parameters (shape)")
         ax.set_ylabel(what)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"Pruning cost against model size, 20 % pruned, 1 thread ({CAVEAT})", fontsize=10)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Pruning cost against model size, 20 % pruned, C4 8 x 128, 1 thread ({CAVEAT})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
