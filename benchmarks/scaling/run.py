@@ -269,12 +269,25 @@ def available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def guard(estimate: dict, available: int, margin: int) -> str | None:
+def total_bytes() -> int | None:
+    """MemTotal of ``/proc/meminfo`` (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def guard(estimate: dict, available: int, margin: int, total: int | None = None) -> str | None:
     """Why a run of ``estimate`` must not be launched with ``available`` bytes free (``margin`` kept back), or None."""
     if estimate["total"] > available - margin:
         return (f"needs about {gib(estimate['total'])} GiB of host memory "
                 f"({', '.join(f'{k} {gib(b)}' for k, b in estimate.items() if k != 'total')}), "
-                f"{gib(available)} GiB available less a {gib(margin)} GiB margin")
+                f"{gib(available)} GiB available less a {gib(margin)} GiB margin"
+                + (f" (the machine has {gib(total)} GiB in all)" if total else ""))
     return None
 
 
@@ -371,7 +384,7 @@ def run_all(args, launch=None) -> list[dict]:
                "available_bytes": avail, "wall_s": None, "cpu_s": None, "peak_rss_bytes": None,
                "peak_accelerator_bytes": None, "weight_bytes": param_count(shape, vocab) * (
                    2 if run["dtype"] in ("bfloat16", "float16") else 4), "caveat": CAVEAT}
-        why = guard(est, avail, args.margin)
+        why = guard(est, avail, args.margin, None if args.memory_limit else total_bytes())
         if why:
             row.update(status="oom", reason=f"not launched: {why}", needs_bytes=est["total"])
             write_row(rows_dir, row)
@@ -585,6 +598,16 @@ def markdown(s: dict) -> str:
     lines += ["", "Peak / weights: peak RSS over the model's weight bytes in its dtype (the issue's bar: COMP at most "
               "1.2x its bfloat16 weights at the LLaMA-2-7B shape); for a `timeout` row, over the part that ran. At small "
               "shapes the fixed part (interpreter and libraries, tokenizer, C4 calibration text) dominates it.", ""]
+    ratios = s.get("comp_peak_over_bf16_weights", {})
+    if ratios:
+        lines.append("COMP's peak RSS over its bfloat16 weight bytes: " + ", ".join(
+            f"{shape} {v['ratio']:.2f}x" + (f" ({v['status']}: {v.get('note', '')})" if v["status"] != "ok" else "")
+            for shape, v in ratios.items()) + ".")
+    for r in s["rows"]:
+        if r["status"] == "oom":
+            lines.append(f"{r['method']} at the {r['shape']} shape ({r.get('weight_offload')} weight offload) was not "
+                         f"run: {r.get('reason')}.")
+    lines.append("")
     if s.get("comp_greedy"):
         g = s["comp_greedy"]
         lines += ["COMP's neuron criterion (`rescale_obs`) per layer, from `comp_greedy.py` (one thread, random SPD "
