@@ -443,6 +443,10 @@ def launch_child(row: dict, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cmd = ["nice", "-n", str(args.nice), sys.executable, str(Path(__file__).resolve()), "--child", str(jobfile)]
+    from fedprune.models.stream_checkpoint import PROGRESS_FILE, partial_dir
+
+    progress = partial_dir(out_dir) / PROGRESS_FILE
+    resumed = len(json.loads(progress.read_text()).get("finished", {})) if progress.exists() else 0
     load_before = load_average()
     t0 = time.time()
     log = open(work / "jobs" / f"{row['key']}.log", "a")
@@ -464,7 +468,7 @@ def launch_child(row: dict, args) -> dict:
     wall = time.time() - t0
     attempt = {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                "peak_rss_bytes": usage.ru_maxrss * 1024, "load_before": round(load_before, 2),
-               "load_after": round(load_average(), 2), "exit": proc.returncode,
+               "load_after": round(load_average(), 2), "exit": proc.returncode, "resumed_layers": resumed,
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
     attempts = row["attempts"] + [attempt]
     child = json.loads(Path(job["result"]).read_text()) if Path(job["result"]).exists() else {}
@@ -475,12 +479,9 @@ def launch_child(row: dict, args) -> dict:
                peak_accelerator_bytes=child.get("peak_accelerator_bytes"),
                host={"cpus": os.cpu_count(), "threads": args.threads, "machine": platform.machine()},
                code=code_version())
-    for k in ("achieved_ratio", "params_after", "base_rss_bytes", "resumed_layers", "prune_wall_s"):
+    for k in ("achieved_ratio", "params_after", "base_rss_bytes", "prune_wall_s"):
         if k in child:
             row[k] = child[k]
-    from fedprune.models.stream_checkpoint import PROGRESS_FILE, partial_dir
-
-    progress = partial_dir(out_dir) / PROGRESS_FILE
     if progress.exists():  # an unfinished streamed prune: how far it got (the next run resumes there)
         row["finished_layers"] = len(json.loads(progress.read_text()).get("finished", {}))
         row["layers"] = shape.layers
