@@ -584,7 +584,7 @@ def markdown(s: dict) -> str:
                                  r.get("vocab"))["total"] if r.get("calibration", "c4 8 x 128") == "c4 8 x 128" else est
         note = r.get("reason") or ""
         if len(r.get("attempts", [])) > 1:
-            note = (note + f" {len(r['attempts'])} attempts (resumed)").strip()
+            note = (note + f"; {len(r['attempts'])} attempts (resumed)").strip("; ")
         if r["status"] == "timeout" and r.get("finished_layers") is not None:
             note += f"; {r['finished_layers']} of {r['layers']} decoder layers finished so far"
         lines.append(f"| {r['method']} | {r['shape']} | {r['params'] / 1e6:.0f} | {r.get('dtype')} | {r.get('weight_offload')} "
@@ -598,7 +598,11 @@ def markdown(s: dict) -> str:
                      f"| {fmt(e['peak_rss_bytes_exponent'], '.2f')} |")
     lines += ["", "Peak / weights: peak RSS over the model's weight bytes in its dtype (the issue's bar: COMP at most "
               "1.2x its bfloat16 weights at the LLaMA-2-7B shape); for a `timeout` row, over the part that ran. At small "
-              "shapes the fixed part (interpreter and libraries, tokenizer, C4 calibration text) dominates it.", ""]
+              "shapes the fixed part (interpreter and libraries, tokenizer, C4 calibration text) dominates it. With "
+              "`disk` offload the peak includes memory-mapped weight pages while they are resident; the kernel drops "
+              "such clean pages under memory pressure, so a streamed run's peak also depends on how much memory the "
+              "machine had free (the other benchmarks' use varied), which is likely why FLAP's peak is not "
+              "monotonic in size (not verified).", ""]
     ratios = s.get("comp_peak_over_bf16_weights", {})
     if ratios:
         lines.append("COMP's peak RSS over its bfloat16 weight bytes: " + ", ".join(
@@ -606,8 +610,8 @@ def markdown(s: dict) -> str:
             for shape, v in ratios.items()) + ".")
     for r in s["rows"]:
         if r["status"] == "oom":
-            lines.append(f"{r['method']} at the {r['shape']} shape ({r.get('weight_offload')} weight offload) was not "
-                         f"run: {r.get('reason')}.")
+            lines.append(f"{r['method']} at the {r['shape']} shape (weight offload {r.get('weight_offload')}) was not "
+                         f"launched: {(r.get('reason') or '').removeprefix('not launched: ')}.")
     lines.append("")
     if s.get("comp_greedy"):
         g = s["comp_greedy"]
