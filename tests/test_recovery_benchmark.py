@@ -119,3 +119,9 @@ def test_summary_gap_is_computed_from_the_rows(bench, finished):
     assert s["comp20_fed_gap_to_dense_fed_points"] == pytest.approx(0.0) and s["within_3_points"] is True
     md = (res_dir / "recovery.md").read_text()
     assert "| COMP 20 % + fed LoRA |" in md and "**0.0 points** behind" in md and ": within 3 points" in md
+
+
+def test_six_task_average_leaves_out_boolq_and_uses_each_tasks_metric(bench):
+    r = {"boolq": {"acc": 1.0, "acc_norm": 1.0}, "piqa": {"acc": 0.5, "acc_norm": 0.1},
+         "hellaswag": {"acc": 0.2, "acc_norm": 0.3}}
+    assert bench.without_boolq(r) == pytest.approx((0.5 + 0.3) / 2)  # piqa: acc, hellaswag: acc_norm
