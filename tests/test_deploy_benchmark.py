@@ -1,19 +1,17 @@
 """The deploy benchmark's report maths: paired decode speed-ups, the size-quality frontier, the
 log-log interpolation of the dense curve, the COMP 30 % targets, and the load wait."""
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bench_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
 def bench():
-    spec = importlib.util.spec_from_file_location("deploy_bench", ROOT / "benchmarks/deploy/run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("benchmarks/deploy/run.py", "deploy_bench")
     return mod
 
 

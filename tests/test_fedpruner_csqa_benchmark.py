@@ -1,11 +1,11 @@
 """The CommonsenseQA FedPruner benchmark's summary: per-method mean / sd / per-seed accuracy, the
 best memory-aware baseline, the margin and its significance from the paired t-interval over seeds."""
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 T975_DF2 = 4.302652729911275
@@ -13,9 +13,7 @@ T975_DF2 = 4.302652729911275
 
 @pytest.fixture()
 def bench():
-    spec = importlib.util.spec_from_file_location("fedpruner_csqa_bench", ROOT / "benchmarks/fedpruner/run_csqa.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("benchmarks/fedpruner/run_csqa.py", "fedpruner_csqa_bench")
     return mod
 
 

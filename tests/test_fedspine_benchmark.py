@@ -1,19 +1,17 @@
 """The FedSpine benchmark's summary maths: time to target on the deployed models, speedups per
 seed, the loss gain at equal sparsity with its 95 % t-interval, the compute share."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
 def bench(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("fedspine_bench", ROOT / "benchmarks/fedspine/run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("benchmarks/fedspine/run.py", "fedspine_bench")
     monkeypatch.setattr(mod, "OUT", tmp_path)
     return mod
 

@@ -3,16 +3,15 @@
 Fast (no prune is launched): a tiny LLaMA shape is written and loaded, the fit is checked against a
 hand computation, and the run loop is driven with rows already there or runs the guard refuses.
 """
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import fedprune
+from bench_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def sb():
-    spec = importlib.util.spec_from_file_location("scaling_bench", ROOT / "benchmarks/scaling/run.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["scaling_bench"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("benchmarks/scaling/run.py", "scaling_bench")
     return mod
 
 
