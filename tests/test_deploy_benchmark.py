@@ -79,3 +79,19 @@ def test_wait_for_quiet_marks_a_busy_machine(bench, monkeypatch):
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.0, 0, 0))
     out = bench.wait_for_quiet(args)
     assert out["contended"] is False and out["waited_s"] == 0.0
+
+
+def test_decode_time_model_recovers_overhead_and_bandwidth(bench):
+    # t = 2 ms + bytes / (1 GB/s): 100 MB -> 102 ms, 200 MB -> 202 ms, 300 MB -> 302 ms
+    files = {"dense@f16": _file("dense", "f16", 300, 30.0), "comp-30@f16": _file("comp-30", "f16", 200, 60.0),
+             "comp-50@f16": _file("comp-50", "f16", 100, 90.0), "dense@q4_k_m": _file("dense", "q4_k_m", 90, 40.0)}
+    speed = {"dense@f16": {"decode_tokens_per_s": 1 / 0.302}, "comp-30@f16": {"decode_tokens_per_s": 1 / 0.202},
+             "comp-50@f16": {"decode_tokens_per_s": 1 / 0.102}, "dense@q4_k_m": {"decode_tokens_per_s": 20.0}}
+    m = bench.decode_time_model({"files": files}, speed)
+    assert set(m) == {"f16"}  # one q4_k_m model: no fit
+    r = m["f16"]
+    assert r["overhead_ms_per_token"] == pytest.approx(2.0) and r["bandwidth_gb_per_s"] == pytest.approx(1.0)
+    assert r["r2"] == pytest.approx(1.0)
+    # the overhead keeps the predicted speed-up below the file ratio 1.5: 302 / 202
+    assert r["comp30_predicted_speedup"] == pytest.approx(302 / 202)
+    assert r["dense_overhead_share"] == pytest.approx(2 / 302)

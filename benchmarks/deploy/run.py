@@ -359,6 +359,43 @@ def frontier(record: dict) -> dict:
     return {"pareto": sorted(pareto, key=lambda k: record["files"][k]["bytes"]), "vs_dense": vs_dense}
 
 
+def decode_time_model(record: dict, speed: dict) -> dict[str, dict]:
+    """Per quantization type, least squares of the seconds per decoded token over the file's bytes across
+    the models: ``t = overhead_s + bytes / bandwidth``. ``overhead_s`` is what a token costs whatever the
+    weights (sampling, graph, KV cache, threads); ``bandwidth`` the bytes the decode streams per second.
+    From them the speed-up a file-size ratio predicts for COMP 30 %: ``t(dense) / t(comp-30)``, which
+    stays below the file ratio by the overhead's share. Needs three or more models of that type."""
+    out = {}
+    by_type: dict[str, list[tuple[float, float, str]]] = {}
+    for k, s in speed.items():
+        f = record["files"].get(k)
+        if f and s.get("decode_tokens_per_s"):
+            by_type.setdefault(f["outtype"], []).append((float(f["bytes"]), 1.0 / s["decode_tokens_per_s"], f["model"]))
+    for outtype, pts in by_type.items():
+        if len(pts) < 3:
+            continue
+        n = len(pts)
+        mx = sum(x for x, _, _ in pts) / n
+        my = sum(y for _, y, _ in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _, _ in pts)
+        if sxx == 0:
+            continue
+        slope = sum((x - mx) * (y - my) for x, y, _ in pts) / sxx
+        overhead = my - slope * mx
+        ss_res = sum((y - overhead - slope * x) ** 2 for x, y, _ in pts)
+        ss_tot = sum((y - my) ** 2 for _, y, _ in pts)
+        row = {"models": n, "overhead_ms_per_token": 1e3 * overhead, "ns_per_byte": 1e9 * slope,
+               "bandwidth_gb_per_s": (1e-9 / slope) if slope > 0 else None,
+               "r2": 1 - ss_res / ss_tot if ss_tot > 0 else None}
+        d, c = record["files"].get(key("dense", outtype)), record["files"].get(key("comp-30", outtype))
+        if d and c:
+            t = lambda b: overhead + slope * b  # noqa: E731
+            row["comp30_predicted_speedup"] = t(d["bytes"]) / t(c["bytes"])
+            row["dense_overhead_share"] = overhead / t(d["bytes"])
+        out[outtype] = row
+    return out
+
+
 def checks(record: dict, speed: dict) -> list[dict]:
     """The issue's targets for COMP 30 %: decode speed-up vs the file-size ratio, f16 and q4_k_m."""
     rows = []
@@ -408,7 +445,7 @@ def fmt(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
 
-def markdown(record: dict, speed: dict, front: dict, check_rows: list[dict]) -> str:
+def markdown(record: dict, speed: dict, front: dict, check_rows: list[dict], time_model: dict | None = None) -> str:
     meta = record.get("meta", {})
     lines = [
         "# Pruning x quantization in llama.cpp: SmolLM2-135M",
@@ -449,17 +486,28 @@ def markdown(record: dict, speed: dict, front: dict, check_rows: list[dict]) -> 
         for c in check_rows:
             lines.append(f"| {c['outtype']} | {c['decode_speedup']:.2f} | {c['file_size_ratio']:.2f} | "
                          f"{c['within_10pct_of_size_ratio']} | {c['at_least_1_3x']} |")
+    if time_model:
+        lines += ["", "Decode time per token against file bytes, per type (least squares over the models: "
+                  "t = overhead + bytes / bandwidth), and the COMP 30 % speed-up that fixed overhead leaves of its "
+                  "file-size ratio:", "",
+                  "| type | models | overhead (ms/token) | bandwidth (GB/s) | R^2 | overhead share (dense) | COMP 30 % predicted x |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for t, r in time_model.items():
+            lines.append(f"| {t} | {r['models']} | {r['overhead_ms_per_token']:.2f} | {fmt(r['bandwidth_gb_per_s'])} | "
+                         f"{fmt(r['r2'])} | {fmt(r.get('dense_overhead_share'))} | {fmt(r.get('comp30_predicted_speedup'))} |")
     return "\n".join(lines) + "\n"
 
 
 def stage_report(args, record: dict) -> None:
     speed = speed_summary(record)
     front = frontier(record)
-    record["summary"] = {"speed": speed, "frontier": front, "checks": checks(record, speed)}
+    record["summary"] = {"speed": speed, "frontier": front, "checks": checks(record, speed),
+                         "decode_time_model": decode_time_model(record, speed)}
     save_record(record, args.out)
     if any("ppl" in f for f in record["files"].values()):
         plot(record, args.out.parent / "frontier.png")
-    (args.out.parent / "deploy.md").write_text(markdown(record, speed, front, record["summary"]["checks"]))
+    (args.out.parent / "deploy.md").write_text(markdown(record, speed, front, record["summary"]["checks"],
+                                                        record["summary"]["decode_time_model"]))
     print((args.out.parent / "deploy.md").read_text())
 
 
