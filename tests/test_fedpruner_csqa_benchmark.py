@@ -48,7 +48,7 @@ def test_summary_statistics_by_hand(bench, tmp_path):
     assert s["margin_95ci_points"][0] == pytest.approx(20 - T975_DF2 * 10 / 3 ** 0.5)
     assert s["beats_best_memory_aware_baseline"] is False
     md = (tmp_path / "fedpruner_csqa.md").read_text()
-    assert "+20.00 points" in md and "not significant" in md
+    assert "+20.00 points" in md and "no significant difference" in md
     assert json.loads((tmp_path / "fedpruner_csqa.json").read_text())["summary"]["margin_points"] == pytest.approx(20)
 
 
@@ -70,3 +70,11 @@ def test_finished_result_with_other_settings_is_refused(bench, tmp_path):
     with pytest.raises(SystemExit, match="other settings"):
         bench.existing(bench.result_path(tmp_path, "fedra", 0), _args(bench, tmp_path, rounds=3))
     assert bench.existing(bench.result_path(tmp_path, "fedra", 1), args) is None
+
+
+def test_layer_coverage_by_hand(bench):
+    even = bench.layer_coverage([4, 4, 4, 4])
+    assert even["cv"] == 0 and even["min"] == even["max"] == 4
+    # counts 2 and 6: mean 4, population sd 2, cv 0.5
+    skew = bench.layer_coverage([2, 6, 2, 6])
+    assert skew["cv"] == pytest.approx(0.5) and skew["min"] == 2 and skew["max"] == 6

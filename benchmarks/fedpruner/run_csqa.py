@@ -275,6 +275,16 @@ def class_layers(strategy) -> dict:
     return {c: strategy.layers_for(ClientInfo(0, 1, DEVICE_PROFILES.get(c).memory_bytes)) for c in CLASSES}
 
 
+def layer_coverage(counts) -> dict:
+    """How evenly a method's device-rounds updated the layers: ``counts[i]`` = device-rounds that trained
+    layer i (mean over seeds). ``cv`` = sd / mean over layers (0: every layer equally often)."""
+    import numpy as np
+
+    c = np.asarray(counts, dtype=float)
+    return {"per_layer": [round(float(x), 3) for x in c], "min": float(c.min()), "max": float(c.max()),
+            "cv": float(c.std() / c.mean()) if c.mean() > 0 else None}
+
+
 def summarise(args) -> dict:
     import numpy as np
 
@@ -301,6 +311,9 @@ def summarise(args) -> dict:
                                             "train_loss_first", "train_loss_last")
                                   if all(pc(s, c).get(k) is not None for s in seeds)}
                               for c in CLASSES}
+        cov = [by[s].get("layer_rounds_trained") for s in seeds]
+        if all(cov):
+            entry["layer_coverage"] = layer_coverage(np.mean(np.array(cov, dtype=float), axis=0))
         methods[m] = entry
     res = {"task": f"{TASK} (acc_norm; also acc) and {LETTER_TASK} (lettered, acc)", "settings": settings(args),
            "methods": methods, "base_model": None, "memory": memory_rows(), "summary": {}}
@@ -315,6 +328,10 @@ def summarise(args) -> dict:
         if score(ours) and any(score(b) for b in MEMORY_AWARE_BASELINES):
             cmp = stats.compare_to_baselines({m: score(m) for m in runs}, ours, MEMORY_AWARE_BASELINES, correct)
             summary[ours] = cmp
+    if score("fedpruner_plus") and score("fedpruner"):
+        # the finer variant against the layer-level one: does choosing blocks separately pay?
+        summary["fedpruner_plus_vs_fedpruner"] = stats.compare_to_baselines(
+            {m: score(m) for m in runs}, "fedpruner_plus", ["fedpruner"], correct)
     if "fedpruner" in summary:
         c = summary["fedpruner"]
         summary.update(seeds=c["seeds"], beats_best_memory_aware_baseline=c["beats_best_memory_aware_baseline"],
@@ -383,17 +400,33 @@ def markdown(res: dict) -> str:
         if not c:
             continue
         pt, bs = c["paired_t"], c.get("bootstrap", {})
-        sig = "significant" if c["beats_best_memory_aware_baseline"] else "not significant"
+        if c["beats_best_memory_aware_baseline"]:
+            sig = "significantly above (the t-interval lies above zero)"
+        elif pt["high"] is not None and pt["high"] < 0:
+            sig = "significantly below over seeds (the t-interval lies below zero)"
+        else:
+            sig = "no significant difference (the t-interval contains zero)"
         lines.append(f"- **{ours}** vs {c['best_baseline']} (best memory-aware baseline by mean acc_norm over seeds "
                      f"{c['seeds']}): margin **{c['margin_points']:+.2f} points**, paired 95 % t-interval over seeds "
                      f"[{_f(pt['low'], 2, 1)}, {_f(pt['high'], 2, 1)}], paired bootstrap 95 % interval over "
                      f"{bs.get('questions', '-')} questions [{_f(bs.get('low'), 2, 1)}, {_f(bs.get('high'), 2, 1)}]: "
-                     f"{sig} (the t-interval {'lies above' if c['beats_best_memory_aware_baseline'] else 'does not lie above'} zero).")
+                     f"{sig}.")
+    c = s.get("fedpruner_plus_vs_fedpruner")
+    if c:
+        pt, bs = c["paired_t"], c.get("bootstrap", {})
+        lines.append(f"- fedpruner_plus - fedpruner over seeds {c['seeds']}: {c['margin_points']:+.2f} points, paired 95 % "
+                     f"t-interval [{_f(pt['low'], 2, 1)}, {_f(pt['high'], 2, 1)}], bootstrap over questions "
+                     f"[{_f(bs.get('low'), 2, 1)}, {_f(bs.get('high'), 2, 1)}].")
     g = s.get("fedit_full_gain_over_base_points")
     if g:
         lines.append(f"- fedit_full over the base model: {g['mean']:+.1f} points (per seed "
                      f"{', '.join(f'{v:+.1f}' for v in g['per_seed'].values())}; bootstrap 95 % over questions "
                      f"[{g['bootstrap_95ci'][0]:.1f}, {g['bootstrap_95ci'][1]:.1f}]).")
+    cov = {m: e["layer_coverage"] for m, e in res["methods"].items() if e.get("layer_coverage")}
+    if cov:
+        lines += ["", "## Layer coverage (device-rounds that updated each layer, mean over seeds)", "",
+                  "| method | fewest | most | coefficient of variation over layers |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {c['min']:.1f} | {c['max']:.1f} | {_f(c['cv'], 2, 1)} |" for m, c in cov.items()]
     lines += ["", "## Per device class (mean over seeds of the per-run means)", "",
               "| method | class | device-rounds | layers | attn blocks | FFN blocks | LoRA params | local loss first -> last step |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
