@@ -127,3 +127,13 @@ def test_resume_skips_finished_rows_and_reruns_a_timed_out_one(sb, tmp_path):
     s = sb.report(tmp_path / "results")
     assert [r["key"] for r in s["rows"]] == [done["key"], cut["key"]] and s["caveat"] == sb.CAVEAT
     assert sb.CAVEAT in (tmp_path / "results" / "scaling.md").read_text()
+
+
+def test_a_restart_from_scratch_does_not_add_the_lost_attempts(sb):
+    old = [{"wall_s": 100.0, "cpu_s": 50.0}]
+    row = {"attempts": list(old), "finished_layers": 3}
+    assert sb.earlier_attempts(row, resumed_layers=3) == old  # resumed: its time adds up
+    assert "discarded_attempts" not in row
+    assert sb.earlier_attempts(row, resumed_layers=0) == []  # partial output gone: starts over
+    assert row["discarded_attempts"] == old and "finished_layers" not in row
+    assert sb.earlier_attempts({"attempts": []}, resumed_layers=0) == []

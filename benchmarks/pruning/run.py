@@ -10,10 +10,20 @@ rebuilt from all runs.
 
     python benchmarks/pruning/run.py                       # the default grid
     python benchmarks/pruning/run.py --only comp@0.2 --eval-limit 50
+    python benchmarks/pruning/run.py --nsamples 128 --seq-len 512 --seeds 0,1,2 --seed-methods comp,llm_pruner \
+        --methods comp,llm_pruner,wanda_sp_official,flap_official,llm_pruner_official --ratios 0.2,0.3
+
+The calibration seed is part of every result's key (``runs/NAME@RATIO@seedS.json``), so ``--seeds``
+runs resume one by one; ``seeds.md`` and ``pruning.json``'s ``by_seed`` give the mean, sample sd,
+95 % t-interval and per-seed values over the seeds a row ran with. Perplexity is measured on every
+``--ppl-tasks`` dataset (WikiText-2 and PTB by default). ``<peer>_official`` rows run a peer with
+``preset=official``: its official code's structure rules *and* calibration sizes (not the
+benchmark's ``--nsamples``/``--seq-len``; each row records what it used).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,7 +67,35 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_with_heads_local_bias": ("comp", {"head_sparsity": None, "mask_target": "local", "mask_bias": True}),
     **{p: (p, {}) for p in PEERS},
 }
+
+
+def _official_peers() -> list[str]:
+    """Peers whose options take ``preset``: each also runs as ``<peer>_official`` (its official code's
+    structure rules and calibration sizes, :mod:`fedprune.pruning.methods.presets`)."""
+    from fedprune.pruning import METHODS
+
+    return [p for p in PEERS if "preset" in {f.name for f in dataclasses.fields(METHODS.get(p).options)}]
+
+
+OFFICIAL = [f"{p}_official" for p in _official_peers()]
+VARIANTS.update({f"{p}_official": (p, {"preset": "official"}) for p in _official_peers()})
 ABLATIONS = [k for k in VARIANTS if k.startswith("comp_")]
+
+
+def calibration(method: str | None, opts: dict, args) -> tuple[int, int]:
+    """Calibration windows and length of a run: the benchmark's (``--nsamples``/``--seq-len``), except
+    for an ``official`` preset, which brings its code's own sizes (every row says which it used)."""
+    if method is None or opts.get("preset") != "official":
+        return args.nsamples, args.seq_len
+    from fedprune.pruning import method_options
+    from fedprune.pruning.methods import calibration_sizes
+
+    return calibration_sizes(method_options(method, opts), None, None)
+
+
+def run_path(name: str, ratio: float, seed: int) -> Path:
+    """One result file per (variant, ratio, calibration seed)."""
+    return RESULTS / "runs" / f"{name}@{ratio}@seed{seed}.json"
 
 
 def worker(args) -> dict:
@@ -79,14 +117,15 @@ def worker(args) -> dict:
     import gc
 
     gc.collect()
-    rec: dict = {"name": args.name, "method": method, "ratio": args.ratio, "options": opts,
-                 "calibration": {"corpus": "c4", "nsamples": args.nsamples, "seq_len": args.seq_len, "seed": args.seed}}
+    nsamples, seq_len = calibration(method, opts, args)
+    rec: dict = {"name": args.name, "method": method, "ratio": args.ratio, "options": opts, "seed": args.seed,
+                 "calibration": {"corpus": "c4", "nsamples": nsamples, "seq_len": seq_len, "seed": args.seed}}
     dense_speed = None if args.ppl_only else speed(model, tok, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                                    repeats=args.repeats)
     if method is not None:
         from fedprune.pruning import get_calibration
 
-        calib = get_calibration(tok, "c4", args.nsamples, args.seq_len, args.seed)
+        calib = get_calibration(tok, "c4", nsamples, seq_len, args.seed)
         import gc
 
         gc.collect()
@@ -113,27 +152,33 @@ def worker(args) -> dict:
     if args.speed_only:
         rec.update(measure_speed())
         return rec
-    ppl = evaluate(model, tok, tasks=["wikitext2"], seq_len=512, limit=args.ppl_windows, progress=False)
+    ppl_tasks = [t for t in args.ppl_tasks.split(",") if t]
+    ppl = evaluate(model, tok, tasks=ppl_tasks, seq_len=512, limit=args.ppl_windows, progress=False)
+    rec.update({f"{t}_ppl": ppl["results"][t]["ppl"] for t in ppl_tasks})
     if args.ppl_only:
-        rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"],
-                   settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "threads": args.threads})
+        rec.update(settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "ppl_tasks": ppl_tasks,
+                             "threads": args.threads})
         return rec
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
                   progress=False)
-    rec.update(wikitext2_ppl=ppl["results"]["wikitext2"]["ppl"], zero_shot=zs["results"], zero_shot_avg=zs["average"],
-               **measure_speed(),
-               settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "eval_limit": args.eval_limit,
+    rec.update(zero_shot=zs["results"], zero_shot_avg=zs["average"], **measure_speed(),
+               settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "ppl_tasks": ppl_tasks,
+                         "eval_limit": args.eval_limit,
                          "tasks": args.tasks, "threads": args.threads})
     return rec
 
 
-def run_one(args, name: str, ratio: float) -> dict | None:
-    out = RESULTS / "runs" / f"{name}@{ratio}.json"
-    if out.exists() and not args.force:
-        return json.loads(out.read_text())
+def run_one(args, name: str, ratio: float, seed: int) -> dict | None:
+    out = run_path(name, ratio, seed)
+    legacy = RESULTS / "runs" / f"{name}@{ratio}.json"  # before the seed was part of the key: seed 0
+    if not args.force:
+        if out.exists():
+            return json.loads(out.read_text())
+        if seed == 0 and legacy.exists():
+            return json.loads(legacy.read_text())
     cmd = [sys.executable, __file__, "--worker", "--name", name, "--ratio", str(ratio),
-           "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
-           "--ppl-windows", str(args.ppl_windows), "--eval-limit", str(args.eval_limit),
+           "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(seed),
+           "--ppl-windows", str(args.ppl_windows), "--ppl-tasks", args.ppl_tasks, "--eval-limit", str(args.eval_limit),
            "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model]
     if args.no_eval:
         cmd.append("--no-eval")
@@ -143,7 +188,7 @@ def run_one(args, name: str, ratio: float) -> dict | None:
         cmd.append("--ppl-only")
     cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--repeats", str(args.repeats)]
     t0 = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio} ...", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name} @ {ratio}, seed {seed} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -160,12 +205,14 @@ def run_one(args, name: str, ratio: float) -> dict | None:
 
 
 def table(records: list[dict]) -> str:
-    head = ("| method | ratio | achieved | WikiText-2 ppl | 7-task avg | prune time (s) | prune peak RSS (MiB) "
-            "| overhead (MiB) | prefill x | decode x |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | ratio | seed | achieved | WikiText-2 ppl | PTB ppl | 7-task avg | prune time (s) | prune peak RSS (MiB) "
+            "| overhead (MiB) | prefill x | decode x |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
-    for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
+    for r in sorted(records, key=lambda r: (r["ratio"], r["name"], r.get("calibration", {}).get("seed", 0))):
         mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
-        rows.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | "
+        ptb = f"{r['ptb_ppl']:.2f}" if r.get("ptb_ppl") is not None else "-"
+        rows.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('calibration', {}).get('seed', 0)} | "
+                    f"{r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | {ptb} | "
                     f"{r['zero_shot_avg']:.4f} | {r.get('prune_wall_s', 0):.0f} | {mib(r.get('prune_peak_rss'))} | "
                     f"{mib(r.get('prune_overhead_bytes'))} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
     return head + "\n".join(rows) + "\n"
@@ -224,11 +271,14 @@ def _mask_rows(r: dict) -> list[str]:
 
 def ablation_table(records: list[dict], args) -> str:
     """Perplexity per run, then each COMP run's per-layer mask-tuning errors (held-out batches)."""
-    lines = [f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
-             f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows.\n",
-             "| run | ratio | achieved | WikiText-2 ppl | options |", "|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
-        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | "
+    lines = [f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seeds {seeds_text(args)}; "
+             f"`official` presets: their own sizes, per row in the JSON); perplexity at seq-len 512 over the first "
+             f"{args.ppl_windows} windows.\n",
+             "| run | ratio | seed | achieved | WikiText-2 ppl | PTB ppl | options |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["ratio"], r["name"], r.get("calibration", {}).get("seed", 0))):
+        ptb = f"{r['ptb_ppl']:.2f}" if r.get("ptb_ppl") is not None else "-"
+        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('calibration', {}).get('seed', 0)} | "
+                     f"{r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | {ptb} | "
                      f"`{json.dumps(r.get('options', {}))}` |")
     for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
         rows = _mask_rows(r)
@@ -248,13 +298,14 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = sorted({r["name"] for r in records if r["name"] in ["comp"] + PEERS})
+    names = sorted({r["name"] for r in records if r["name"] in ["comp"] + PEERS + OFFICIAL})
     dense = next((r for r in records if r["name"] == "dense"), None)
+    by_seed = seed_statistics(records)  # one point per (method, ratio): the mean over its seeds
     for n in names:
-        rs = sorted((r for r in records if r["name"] == n), key=lambda r: r["ratio"])
+        rs = [r for r in by_seed if r["name"] == n and r.get("zero_shot_avg") and r.get("wikitext2_ppl")]
         xs = [r["ratio"] for r in rs]
-        axes[0].plot(xs, [r["zero_shot_avg"] for r in rs], marker="o", label=n)
-        axes[1].plot(xs, [r["wikitext2_ppl"] for r in rs], marker="o", label=n)
+        axes[0].plot(xs, [r["zero_shot_avg"]["mean"] for r in rs], marker="o", label=n)
+        axes[1].plot(xs, [r["wikitext2_ppl"]["mean"] for r in rs], marker="o", label=n)
     if dense:
         axes[0].axhline(dense["zero_shot_avg"], color="k", ls="--", lw=0.8, label="dense")
         axes[1].axhline(dense["wikitext2_ppl"], color="k", ls="--", lw=0.8, label="dense")
@@ -276,22 +327,84 @@ def summarise(args) -> None:
         atomic.write_json(RESULTS / "memory.json", {"settings": vars(args), "runs": records})
         atomic.write_text(RESULTS / "memory.md", memory_table(records, args))
         return
+    by_seed = seed_statistics(records)
+    if any(len(r["seeds"]) > 1 for r in by_seed):
+        atomic.write_text(RESULTS / "seeds.md", "Mean +- sample sd [95 % t-interval] over calibration seeds.\n\n"
+                          + seed_table(by_seed))
     if args.ppl_only:
-        atomic.write_json(RESULTS / "ablation.json", {"settings": vars(args), "runs": records})
+        atomic.write_json(RESULTS / "ablation.json", {"settings": vars(args), "runs": records, "by_seed": by_seed})
         atomic.write_text(RESULTS / "ablation.md", ablation_table(records, args))
         return
     if args.speed_only:
         atomic.write_json(RESULTS / "speed.json", {"settings": vars(args), "runs": records})
         atomic.write_text(RESULTS / "speed.md", speed_table(records, args))
         return
-    md = (f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seed {args.seed}); "
-          f"WikiText-2 perplexity at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
+    md = (f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seeds {seeds_text(args)}; "
+          "`official` presets: their own sizes, per row in the JSON); "
+          f"perplexity ({args.ppl_tasks}) at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
           f"the seven tasks over the first {args.eval_limit} examples each (--limit); speed: prefill "
           f"{args.prompt_len} tokens, decode {args.gen_len} tokens, batch 1, {args.threads} CPU threads, "
           "ratios relative to the dense model in the same process.\n\n" + table(records))
-    atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records})
+    atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records, "by_seed": by_seed})
     atomic.write_text(RESULTS / "pruning.md", md)
     plot(records, RESULTS / "pruning.png")
+
+
+def seeded_jobs(jobs: list[tuple[str, float]], seeds: list[int], seed_methods: list[str] | None = None
+                ) -> list[tuple[str, float, int]]:
+    """(name, ratio, seed) for every job: the first seed for all, then the further seeds for
+    ``seed_methods`` (all when None; the dense model's perplexity does not depend on the seed), so a
+    cut-off benchmark has every row once before any row twice."""
+    out = [(n, r, seeds[0]) for n, r in jobs]
+    for s in seeds[1:]:
+        out += [(n, r, s) for n, r in jobs if n != "dense" and (seed_methods is None or n in seed_methods)]
+    return out
+
+
+def seed_statistics(records: list[dict]) -> list[dict]:
+    """Per (variant, ratio): mean, sample sd, 95 % t-interval and per-seed values of every metric
+    over the calibration seeds it ran with (one seed: the value, no interval)."""
+    from fedprune.federated import stats
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["name"], r["ratio"]), []).append(r)
+    out = []
+    for (name, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rs = sorted(rs, key=lambda r: r.get("calibration", {}).get("seed", 0))
+        row = {"name": name, "ratio": ratio, "seeds": [r.get("calibration", {}).get("seed", 0) for r in rs],
+               "achieved_ratio": rs[0].get("achieved_ratio"), "calibration": rs[0].get("calibration")}
+        for key in ("wikitext2_ppl", "ptb_ppl", "zero_shot_avg"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if len(vals) != len(rs) or not vals:
+                continue
+            row[key] = {**stats.t_interval(vals), "per_seed": {str(s): v for s, v in zip(row["seeds"], vals)}}
+        out.append(row)
+    return out
+
+
+def seeds_text(args) -> str:
+    return args.seeds or str(args.seed)
+
+
+def seed_table(rows: list[dict]) -> str:
+    def cell(m, spec):
+        if not m:
+            return "-"
+        txt = format(m["mean"], spec)
+        if m.get("low") is not None:
+            txt += f" +- {format(m['sd'], spec)} [{format(m['low'], spec)}, {format(m['high'], spec)}]"
+        return txt
+
+    lines = ["| variant | ratio | seeds | calibration | WikiText-2 ppl | PTB ppl | 7-task avg | per seed (WikiText-2) |",
+             "|---|---:|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r.get("calibration") or {}
+        per = " / ".join(f"{v:.2f}" for v in (r.get("wikitext2_ppl") or {}).get("per_seed", {}).values())
+        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {','.join(map(str, r['seeds']))} | "
+                     f"{c.get('nsamples', '-')} x {c.get('seq_len', '-')} | {cell(r.get('wikitext2_ppl'), '.2f')} | "
+                     f"{cell(r.get('ptb_ppl'), '.2f')} | {cell(r.get('zero_shot_avg'), '.4f')} | {per or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -307,8 +420,12 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of NAME@RATIO to run")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the calibration seed (one; --seeds for several)")
+    ap.add_argument("--seeds", default=None, help="comma list of calibration seeds: every run once per seed")
+    ap.add_argument("--seed-methods", default=None,
+                    help="with --seeds: only these variants run at every seed, the others at the first only")
     ap.add_argument("--ppl-windows", type=int, default=20)
+    ap.add_argument("--ppl-tasks", default="wikitext2,ptb", help="perplexity datasets (comma list)")
     ap.add_argument("--eval-limit", type=int, default=50)
     ap.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -331,6 +448,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args), default=float))
         return
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     jobs = [("dense", 0.0)]
     if args.only:
         jobs = [(j.split("@")[0], float(j.split("@")[1])) for j in args.only.split(",")]
@@ -341,9 +459,10 @@ def main() -> None:
             jobs += [(m, r) for m in args.methods.split(",") if m]
         for r in [float(x) for x in args.ablation_ratios.split(",") if x]:
             jobs += [(a, r) for a in args.ablations.split(",") if a]
+    jobs = seeded_jobs(jobs, seeds, args.seed_methods.split(",") if args.seed_methods else None)
     if args.jobs <= 1:
-        for name, ratio in jobs:
-            run_one(args, name, ratio)
+        for name, ratio, seed in jobs:
+            run_one(args, name, ratio, seed)
             summarise(args)
         return
     # independent subprocesses side by side (each still measures its own peak memory)

@@ -419,6 +419,17 @@ def code_version() -> str | None:
         return None
 
 
+def earlier_attempts(row: dict, resumed_layers: int) -> list[dict]:
+    """The earlier attempts this one continues. A run that resumes a partial output adds to their wall
+    and CPU time; one that starts from scratch (no partial output left: never started, or its work
+    directory was removed) does not, and the attempts it replaces move to ``discarded_attempts``."""
+    if resumed_layers or not row.get("attempts"):
+        return list(row.get("attempts", []))
+    row["discarded_attempts"] = row.get("discarded_attempts", []) + row["attempts"]
+    row.pop("finished_layers", None)
+    return []
+
+
 def launch_child(row: dict, args) -> dict:
     """Prune in a child process (module docstring) and fill ``row`` with what it measured."""
     from fedprune import atomic, load_tokenizer
@@ -470,7 +481,7 @@ def launch_child(row: dict, args) -> dict:
                "peak_rss_bytes": usage.ru_maxrss * 1024, "load_before": round(load_before, 2),
                "load_after": round(load_average(), 2), "exit": proc.returncode, "resumed_layers": resumed,
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
-    attempts = row["attempts"] + [attempt]
+    attempts = earlier_attempts(row, resumed) + [attempt]
     child = json.loads(Path(job["result"]).read_text()) if Path(job["result"]).exists() else {}
     row.update(attempts=attempts, wall_s=round(sum(a["wall_s"] for a in attempts), 2),
                cpu_s=round(sum(a["cpu_s"] for a in attempts), 2),

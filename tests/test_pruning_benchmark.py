@@ -1,0 +1,62 @@
+"""benchmarks/pruning/run.py: seeds in the result key, the official-preset rows and the statistics over seeds.
+
+Fast: no model is pruned; the job list, the calibration a row asks for and the summary maths are checked.
+"""
+import argparse
+import math
+
+import pytest
+
+from bench_loader import load_benchmark
+
+T975_DF2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
+
+
+@pytest.fixture(scope="module")
+def pb():
+    return load_benchmark("benchmarks/pruning/run.py", "pruning_bench")
+
+
+def test_every_peer_with_a_preset_gets_an_official_row(pb):
+    assert {"wanda_sp_official", "flap_official", "llm_pruner_official"} <= set(pb.OFFICIAL)
+    for name in pb.OFFICIAL:
+        method, opts = pb.VARIANTS[name]
+        assert name == f"{method}_official" and opts == {"preset": "official"}
+
+
+def test_official_rows_calibrate_with_their_code_s_sizes_the_others_with_the_benchmark_s(pb):
+    args = argparse.Namespace(nsamples=128, seq_len=512)
+    assert pb.calibration("wanda_sp", {"preset": "official"}, args) == (128, 128)
+    assert pb.calibration("flap", {"preset": "official"}, args) == (1024, 128)
+    assert pb.calibration("llm_pruner", {"preset": "official"}, args) == (10, 64)
+    assert pb.calibration("flap", {}, args) == (128, 512)
+    assert pb.calibration("comp", {"mask_bias": True}, args) == (128, 512)
+    assert pb.calibration(None, {}, args) == (128, 512)
+
+
+def test_seed_is_part_of_the_result_key_and_the_first_seed_runs_everything_first(pb, tmp_path, monkeypatch):
+    monkeypatch.setattr(pb, "RESULTS", tmp_path)
+    assert pb.run_path("comp", 0.2, 0) != pb.run_path("comp", 0.2, 1)
+    assert pb.run_path("comp", 0.2, 1).name == "comp@0.2@seed1.json"
+    jobs = pb.seeded_jobs([("dense", 0.0), ("comp", 0.2), ("flap", 0.2)], [0, 1, 2], ["comp"])
+    assert jobs == [("dense", 0.0, 0), ("comp", 0.2, 0), ("flap", 0.2, 0), ("comp", 0.2, 1), ("comp", 0.2, 2)]
+    assert len(pb.seeded_jobs([("dense", 0.0), ("comp", 0.2)], [3, 4])) == 3  # dense once
+
+
+def test_seed_statistics_by_hand(pb):
+    rec = lambda seed, w, p, z: {"name": "comp", "ratio": 0.2, "calibration": {"seed": seed, "nsamples": 8, "seq_len": 16},
+                                 "wikitext2_ppl": w, "ptb_ppl": p, "zero_shot_avg": z}  # noqa: E731
+    rows = pb.seed_statistics([rec(2, 80.0, 120.0, 0.5), rec(0, 70.0, 100.0, 0.4), rec(1, 75.0, 110.0, 0.45),
+                               {"name": "flap", "ratio": 0.2, "calibration": {"seed": 0}, "wikitext2_ppl": 90.0}])
+    comp = next(r for r in rows if r["name"] == "comp")
+    assert comp["seeds"] == [0, 1, 2]
+    w = comp["wikitext2_ppl"]
+    # 70, 75, 80: mean 75, sample sd 5, half-width t * 5 / sqrt(3)
+    assert w["mean"] == pytest.approx(75) and w["sd"] == pytest.approx(5)
+    assert w["low"] == pytest.approx(75 - T975_DF2 * 5 / math.sqrt(3), abs=1e-6)
+    assert w["per_seed"] == {"0": 70.0, "1": 75.0, "2": 80.0}
+    assert comp["ptb_ppl"]["mean"] == pytest.approx(110)
+    flap = next(r for r in rows if r["name"] == "flap")
+    assert flap["wikitext2_ppl"]["low"] is None and "ptb_ppl" not in flap  # one seed: no interval
+    md = pb.seed_table(rows)
+    assert "75.00 +- 5.00 [" in md and "70.00 / 75.00 / 80.00" in md
