@@ -95,3 +95,15 @@ def test_decode_time_model_recovers_overhead_and_bandwidth(bench):
     # the overhead keeps the predicted speed-up below the file ratio 1.5: 302 / 202
     assert r["comp30_predicted_speedup"] == pytest.approx(302 / 202)
     assert r["dense_overhead_share"] == pytest.approx(2 / 302)
+
+
+def test_decode_time_model_uses_the_paired_speedup_against_dense(bench):
+    # comp-30 and comp-50 were measured on a day the machine ran 2x faster: their own medians would
+    # fake a huge overhead; their paired speed-ups (302/202, 302/102) give back the 2 ms + 1 GB/s line
+    files = {"dense@f16": _file("dense", "f16", 300, 30.0), "comp-30@f16": _file("comp-30", "f16", 200, 60.0),
+             "comp-50@f16": _file("comp-50", "f16", 100, 90.0)}
+    speed = {"dense@f16": {"decode_tokens_per_s": 1 / 0.302, "decode_speedup": 1.0},
+             "comp-30@f16": {"decode_tokens_per_s": 2 / 0.202, "decode_speedup": 302 / 202},
+             "comp-50@f16": {"decode_tokens_per_s": 2 / 0.102, "decode_speedup": 302 / 102}}
+    r = bench.decode_time_model({"files": files}, speed)["f16"]
+    assert r["overhead_ms_per_token"] == pytest.approx(2.0) and r["bandwidth_gb_per_s"] == pytest.approx(1.0)

@@ -361,7 +361,8 @@ def frontier(record: dict) -> dict:
 
 def decode_time_model(record: dict, speed: dict) -> dict[str, dict]:
     """Per quantization type, least squares of the seconds per decoded token over the file's bytes across
-    the models: ``t = overhead_s + bytes / bandwidth``. ``overhead_s`` is what a token costs whatever the
+    the models: ``t = overhead_s + bytes / bandwidth``, a model's ``t`` being the dense file's median time
+    divided by the model's paired speed-up (its own median where it has none). ``overhead_s`` is what a token costs whatever the
     weights (sampling, graph, KV cache, threads); ``bandwidth`` the bytes the decode streams per second.
     From them the speed-up a file-size ratio predicts for COMP 30 %: ``t(dense) / t(comp-30)``, which
     stays below the file ratio by the overhead's share. Needs three or more models of that type."""
@@ -369,8 +370,16 @@ def decode_time_model(record: dict, speed: dict) -> dict[str, dict]:
     by_type: dict[str, list[tuple[float, float, str]]] = {}
     for k, s in speed.items():
         f = record["files"].get(k)
-        if f and s.get("decode_tokens_per_s"):
-            by_type.setdefault(f["outtype"], []).append((float(f["bytes"]), 1.0 / s["decode_tokens_per_s"], f["model"]))
+        dense = speed.get(key("dense", f["outtype"])) if f else None
+        if not (f and s.get("decode_tokens_per_s")):
+            continue
+        if dense and dense.get("decode_tokens_per_s") and s.get("decode_speedup"):
+            # the dense file's median time over the paired speed-up: files measured in different passes
+            # (a machine a little faster or slower that day) stay comparable
+            t = 1.0 / (dense["decode_tokens_per_s"] * s["decode_speedup"])
+        else:
+            t = 1.0 / s["decode_tokens_per_s"]
+        by_type.setdefault(f["outtype"], []).append((float(f["bytes"]), t, f["model"]))
     for outtype, pts in by_type.items():
         if len(pts) < 3:
             continue
