@@ -440,3 +440,72 @@ def test_greedy_inverse_criteria_keep_one_of_a_redundant_pair(name):
     col = inv[:, first]
     down = inv - torch.outer(col, col) / col[first]
     torch.testing.assert_close(down[rest][:, rest], direct, rtol=1e-8, atol=1e-10)
+
+
+# ---- head_sparsity="auto": heads only where they cost less than the same parameters as channels ----------
+def _duplicate_heads(m):
+    """In every layer, query head 1 (3) repeats head 0 (2) with the same o_proj columns: either copy of a
+    pair can go and the other, scaled by 2, gives the same output."""
+    ad = get_adapter(m)
+    hd = ad.head_dim
+    with torch.no_grad():
+        for layer in ad.layers:
+            q = ad.qkv(layer)[0]
+            o = ad.o_proj(layer)
+            for a, b in ((0, 1), (2, 3)):
+                q.weight[b * hd:(b + 1) * hd] = q.weight[a * hd:(a + 1) * hd]
+                o.weight[:, b * hd:(b + 1) * hd] = o.weight[:, a * hd:(a + 1) * hd]
+    return m
+
+
+def _duplicate_channels(m):
+    """In every layer, FFN channel j + 48 repeats channel j (gate, up and down): half the channels can go."""
+    ad = get_adapter(m)
+    with torch.no_grad():
+        for layer in ad.layers:
+            half = ad.intermediate_size(layer) // 2
+            for lin in ad.ffn_in(layer):
+                lin.weight[half:] = lin.weight[:half]
+            ad.ffn_out(layer).weight[:, half:] = ad.ffn_out(layer).weight[:, :half]
+    return m
+
+
+@pytest.mark.parametrize("make, heads_go", [(_duplicate_heads, True), (_duplicate_channels, False)])
+def test_auto_heads_go_only_where_they_cost_less_than_channels(make, heads_go):
+    m = make(tiny_model("llama"))
+    ad = get_adapter(m)
+    width = ad.intermediate_size(ad.layers[0])
+    rep = prune_neurons_layerwise(ad, calib(16, 32), [], [LayerTarget(1, 0, 4)] * ad.num_layers,
+                                  CompOptions(head_sparsity="auto"), list(ad.layers))
+    for e in rep["layers"]:
+        d = e["head_decision"]
+        assert d["prune_heads"] is heads_go
+        if heads_go:  # a duplicated head goes at (almost) no cost once its twin is rescaled
+            assert d["heads_error"] < 0.1 * d["extra_channels_error"]  # (the damping leaves a little)
+            assert e["heads_kept"] == 2 and e["channels_kept"] == width - 4
+        else:  # duplicated channels go at (almost) no cost: the layer gives the heads' parameters as channels
+            assert d["extra_channels_error"] < 0.1 * d["heads_error"]
+            extra = round(d["head_params"] / 192)  # one channel: gate and up rows (64 each) + a down column (64)
+            assert d["extra_channels"] == extra and d["carry_params"] == d["head_params"] - 192 * extra
+            # what whole channels could not match moves on: a later layer may give one channel more
+            assert e["channels_kept"] in (width - 4 - extra, width - 4 - extra - 1)
+            assert "heads_kept" not in e
+    assert ad.num_heads(ad.layers[0]) == (2 if heads_go else 4)
+
+
+def test_auto_heads_end_to_end_keeps_the_ratio_and_records_each_decision():
+    m = tiny_model("llama")
+    res = fedprune.prune(m, "comp", 0.3, calib_ids=calib(16, 32), layer_fraction=0.0, head_sparsity="auto")
+    assert res.achieved_ratio == pytest.approx(0.3, abs=0.01)
+    decisions = [e["head_decision"] for e in res.report["layers"] if "head_decision" in e]
+    assert decisions and all({"prune_heads", "heads_error", "extra_channels_error"} <= set(d) for d in decisions)
+    assert torch.isfinite(logits(m, calib(2, 8, seed=5))).all()
+
+
+def test_auto_heads_option_values():
+    assert CompOptions(head_sparsity="auto").head_sparsity == "auto"
+    assert CompOptions(head_sparsity="0.5").head_sparsity == 0.5  # command-line text
+    with pytest.raises(ValueError, match="head_sparsity must be"):
+        CompOptions(head_sparsity="most")
+    with pytest.raises(ValueError, match="width_multiple"):
+        CompOptions(head_sparsity="auto", width_multiple=32)

@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ...adapters import DecoderAdapter
-from ..budget import LayerTarget, check_ratio, layers_for_params, module_params, neuron_targets
+from ..budget import (LayerTarget, channel_cost, check_ratio, kv_head_cost, layers_for_params, module_params,
+                      neuron_targets, query_head_cost)
 from ..criteria.layer import block_influence_scores, calibration_nll, lowest, sleb_removal
 from ..criteria.neuron import NEURON_CRITERIA, check_neuron_metric, removal_order
 from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
@@ -74,10 +75,13 @@ class CompOptions:
     mask_fallback: str = "reject"
     """A solution with a scale above 10: ``reject`` (keep the layer's scales at 1) or ``retry`` with
     tenfold damping, up to four times."""
-    head_sparsity: float | None = 0.0
+    head_sparsity: float | str | None = 0.0
     """Fraction of query heads removed per KV group; ``None``: same as the layer's sparsity; 0 (default): no
     head pruning. SmolLM2 has 3 query heads per KV group, so any head pruning removes a third of them, which
-    cost far more perplexity than the same parameters taken from FFN channels (benchmarks/pruning)."""
+    cost far more perplexity than the same parameters taken from FFN channels (benchmarks/pruning).
+    ``"auto"``: each layer decides on its own calibration tokens (:func:`heads_or_channels`): the heads planned
+    at the layer's sparsity go only if their fixable error is at most what the same parameters cost as
+    extra FFN channels; otherwise the layer gives those parameters as channels."""
     allocation_strength: float = 0.5
     """Non-uniform neuron sparsity across kept layers: 0 = uniform; ``a > 0`` prunes a layer
     ``exp(a * z)`` times less when its Block Influence is ``z`` standard deviations above the
@@ -127,13 +131,22 @@ class CompOptions:
         require_int("batch_size", self.batch_size, 1)
         if self.n_layers is not None:
             require_int("n_layers", self.n_layers, 0)
-        if self.head_sparsity is not None:
+        if isinstance(self.head_sparsity, str) and self.head_sparsity != "auto":
+            try:  # from the command line every value is text
+                self.head_sparsity = float(self.head_sparsity)
+            except ValueError:
+                raise ValueError("head_sparsity must be a number in [0.0, 1.0), 'auto' or None, "
+                                 f"got {self.head_sparsity!r}") from None
+        if self.head_sparsity is not None and self.head_sparsity != "auto":
             require_number("head_sparsity", self.head_sparsity, 0.0, 1.0, high_open=True)
         require_number("damp", self.damp, 0.0)
         require_int("auto_nsamples", self.auto_nsamples, 1)
         for c in self.auto_candidates:
             require_number("auto_candidates[]", c, 0.0, 1.0)
         self.width_multiple = check_width_option(self.width_multiple)
+        if self.head_sparsity == "auto" and self.width_multiple > 1:
+            raise ValueError("head_sparsity='auto' cannot be combined with width_multiple > 1 (a layer that keeps "
+                             "its heads takes their parameters as channels, which need not fill whole blocks)")
 
     def whole_model(self) -> str | None:
         """Why these options need the whole model in memory (``weight_offload`` refuses them), or None."""
@@ -223,6 +236,98 @@ def _mask_tune(adapter: DecoderAdapter, kept_pos: int, site: str, fit_acc: GramA
     return rec
 
 
+def _channel_accumulators(adapter: DecoderAdapter, layer, x_pruned: HiddenStream, y_dense: HiddenStream, kw, bs: int
+                          ) -> tuple[GramAccumulator, GramAccumulator]:
+    """FFN-channel statistics of ``layer`` on the pruned stream's tokens, (fitted-on, held-out) batches: the
+    down projection's inputs and, as targets, the dense module's contribution on the same inputs (``local``)
+    and the dense model's layer output (``global``)."""
+    down = adapter.ffn_out(layer)
+    accs = (GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS),
+            GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS))
+    nb = x_pruned.num_batches
+    for b, xb in x_pruned.batches():
+        cap: dict[str, torch.Tensor] = {}
+
+        def grab(m, i, out):
+            cap["h"], cap["f"] = flat_tokens(i[0]).detach(), flat_tokens(out).detach()
+
+        with hooks([(down, grab)]):
+            yb = run_layer(layer, xb, kw, bs)
+        local = cap["f"] - linear_bias(down)  # the dense module's contribution on these inputs
+        e = {"global": flat_tokens(y_dense.read(b) - yb) + local, "local": local}
+        accs[held_out_batch(b, nb)].add_channels(cap["h"], down.weight, e)
+        del cap, yb, e, local
+    return accs
+
+
+def fixable_error(acc: GramAccumulator, keep: list[int], opts: CompOptions) -> float:
+    """The fixable (``local``) error left when only ``keep`` of ``acc``'s units stay: after mask tuning of
+    the kept units as ``opts`` would tune them (their rescaled fit; the plain removal without
+    ``mask_tuning`` or when the fit is rejected). Units of heads and channels are both measured on the
+    layer's output in the residual stream, so the two are comparable."""
+    S = acc.system("local", keep)
+    ones = torch.ones(len(keep), dtype=torch.float64)
+    plain = system_error(S, ones)
+    if not opts.mask_tuning:
+        return plain
+    damp = opts.damp if opts.mask_damp in (None, "heldout") else float(opts.mask_damp)
+    fit = fit_scales(S, damp, bias=opts.mask_bias, fallback=opts.mask_fallback)
+    return min(plain, fit.error_after) if fit.accepted else plain
+
+
+def heads_or_channels(adapter: DecoderAdapter, layer, tgt: LayerTarget, head_acc: GramAccumulator,
+                      keep_heads: list[int], ch_accs, opts: CompOptions) -> tuple[LayerTarget, dict[str, Any]]:
+    """``head_sparsity="auto"`` for one layer: remove the planned heads, or as many parameters as FFN channels?
+
+    ``E_h`` = fixable error with the planned heads gone (``keep_heads`` kept, :func:`fixable_error`);
+    ``E_c`` = what the extra ``x = round(P_h / c)`` channels add to the error of the planned channel
+    removal, ``P_h`` the heads' parameters and ``c`` one channel's: ``E(drop_{n+x}) - E(drop_n)``, the
+    channels chosen by the layer's criterion on its present inputs. Heads go when ``E_h <= E_c``;
+    otherwise the target becomes ``n + x`` channels and no head. ``carry_params`` is what whole channels
+    could not match (``P_h - x c``), given to the next layer."""
+    hd_params = head_param_count(adapter, layer, tgt)
+    ccost = channel_cost(adapter, layer)
+    width = adapter.intermediate_size(layer)
+    extra = min(int(round(hd_params / ccost)), width - 1 - tgt.channels)
+    down = adapter.ffn_out(layer)
+    acc = ch_accs[0].merged(ch_accs[1])
+    st = acc.unit_stats_channels(down.weight)
+    order = removal_order(opts.neuron_metric, st, tgt.channels + extra, opts.damp)
+
+    def kept(n):
+        gone = set(order[:n])
+        return [c for c in range(width) if c not in gone]
+
+    e_heads = fixable_error(head_acc, keep_heads, opts)
+    e_base = fixable_error(acc, kept(tgt.channels), opts)
+    e_more = fixable_error(acc, kept(tgt.channels + extra), opts)
+    prune = e_heads <= e_more - e_base
+    rec = {"prune_heads": prune, "heads_error": e_heads, "extra_channels_error": e_more - e_base,
+           "head_params": hd_params, "extra_channels": 0 if prune else extra,
+           "carry_params": 0 if prune else hd_params - extra * ccost}
+    if prune:
+        return tgt, rec
+    return LayerTarget(0, 0, tgt.channels + extra), rec
+
+
+def head_param_count(adapter: DecoderAdapter, layer, tgt: LayerTarget) -> int:
+    """Parameters the target's heads take: query heads with their ``o_proj`` columns, whole KV groups with
+    their key and value heads too."""
+    n_kv = adapter.num_kv_heads(layer)
+    q = query_head_cost(adapter, layer)
+    return tgt.heads_per_group * n_kv * q + tgt.groups * (q + kv_head_cost(adapter, layer))
+
+
+def _with_carry(adapter: DecoderAdapter, layer, tgt: LayerTarget, carry: int) -> tuple[LayerTarget, int]:
+    """``tgt`` with the parameters an earlier layer left over added as whole channels (within the layer's
+    width), and what still remains."""
+    if not carry:
+        return tgt, carry
+    ccost = channel_cost(adapter, layer)
+    add = max(-tgt.channels, min(int(round(carry / ccost)), adapter.intermediate_size(layer) - 1 - tgt.channels))
+    return LayerTarget(tgt.heads_per_group, tgt.groups, tgt.channels + add), carry - add * ccost
+
+
 @torch.no_grad()
 def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_layers: list[int],
                             targets: list[LayerTarget], opts: CompOptions, dense_layers: list) -> dict[str, Any]:
@@ -238,6 +343,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
     hd = adapter.head_dim
     report: list[dict[str, Any]] = []
     kept_pos = 0
+    carry = 0  # parameters a layer could not give in whole channels (head_sparsity="auto"): the next one gives them
     for orig_i, dense_layer in enumerate(tqdm(dense_layers, desc="COMP layer by layer")):
         if orig_i in removed_layers:
             with layer_weights(adapter, dense_layer):
@@ -254,8 +360,9 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             kept_pos += 1
             continue
         load_layer(adapter, layer)  # streamed: materialised until finish_layer
-        tgt = targets[kept_pos]
+        tgt, carry = _with_carry(adapter, layer, targets[kept_pos], carry)
         entry: dict[str, Any] = {"layer": orig_i}
+        ch_accs = None
         prune_heads = bool(tgt.heads_per_group or tgt.groups)
         # -- dense targets: post-attention residual (only when heads are pruned) and output of the
         #    unpruned layer; the output overwrites the dense stream (it is the next layer's input)
@@ -291,31 +398,26 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             n_rm = heads_removed(adapter, layer, tgt)
             scores = _head_rank_scores(opts.neuron_metric, st, n_rm, opts.damp)
             keep = choose_heads(adapter, layer, scores, tgt)
-            adapter.prune_heads(kept_pos, keep)
-            entry["heads_kept"] = len(keep)
-            if opts.mask_tuning:
-                entry["heads_mask"] = _mask_tune(adapter, kept_pos, "o_proj", accs[0], accs[1], acc, keep, opts,
-                                                 group=hd)
+            if opts.head_sparsity == "auto":
+                ch_accs = _channel_accumulators(adapter, layer, x_pruned, y_dense, kw, bs)
+                tgt, decision = heads_or_channels(adapter, layer, tgt, acc, keep, ch_accs, opts)
+                entry["head_decision"] = decision
+                if decision["prune_heads"]:
+                    ch_accs = None  # the FFN's inputs change with the heads: accumulate them again
+            if tgt.heads_per_group or tgt.groups:
+                adapter.prune_heads(kept_pos, keep)
+                entry["heads_kept"] = len(keep)
+                if opts.mask_tuning:
+                    entry["heads_mask"] = _mask_tune(adapter, kept_pos, "o_proj", accs[0], accs[1], acc, keep, opts,
+                                                     group=hd)
         if mid_dense is not None:
             mid_dense.close()
         # -- FFN channels
         if tgt.channels:
             down = adapter.ffn_out(layer)
-            accs = (GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS),
-                    GramAccumulator(adapter.intermediate_size(layer), MASK_TARGETS))  # fitted on, held out
-            nb = x_pruned.num_batches
-            for b, xb in x_pruned.batches():
-                cap: dict[str, torch.Tensor] = {}
-
-                def grab(m, i, out):
-                    cap["h"], cap["f"] = flat_tokens(i[0]).detach(), flat_tokens(out).detach()
-
-                with hooks([(down, grab)]):
-                    yb = run_layer(layer, xb, kw, bs)
-                local = cap["f"] - linear_bias(down)  # the dense module's contribution on these inputs
-                e = {"global": flat_tokens(y_dense.read(b) - yb) + local, "local": local}
-                accs[held_out_batch(b, nb)].add_channels(cap["h"], down.weight, e)
-                del cap, yb, e, local
+            if ch_accs is None:  # (an ``auto`` decision that kept the heads has them for these very inputs)
+                ch_accs = _channel_accumulators(adapter, layer, x_pruned, y_dense, kw, bs)
+            accs = ch_accs
             acc = accs[0].merged(accs[1])
             st = acc.unit_stats_channels(down.weight)
             accs[0].unit_stats_channels(down.weight), accs[1].unit_stats_channels(down.weight)
@@ -325,6 +427,8 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             entry["channels_kept"] = len(keep)
             if opts.mask_tuning:
                 entry["ffn_mask"] = _mask_tune(adapter, kept_pos, "ffn_out", accs[0], accs[1], acc, keep, opts)
+        if "head_decision" in entry:
+            carry += entry["head_decision"]["carry_params"]
         advance_stream(layer, x_pruned, kw)
         finish_layer(adapter, layer, entry)  # streamed: written to the output and released
         report.append(entry)
@@ -374,7 +478,8 @@ def comp_prune(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: C
     kept = [i for i in range(adapter.num_layers) if i not in removed]
     adapter.remove_layers(removed)
     importance = [bi[i] for i in kept] if (bi is not None and opts.allocation_strength > 0) else None
-    targets = neuron_targets(adapter, list(range(len(kept))), int(budget - layer_params), opts.head_sparsity,
+    hs = None if opts.head_sparsity == "auto" else opts.head_sparsity  # auto: planned at the layer's sparsity
+    targets = neuron_targets(adapter, list(range(len(kept))), int(budget - layer_params), hs,
                              importance=importance, strength=opts.allocation_strength,
                              cap=opts.max_layer_sparsity, width_multiple=opts.width_multiple)
     fine = prune_neurons_layerwise(adapter, ids, removed, targets, opts, dense_layers)
