@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_with_heads_mask_global": ("comp", {"head_sparsity": None, "mask_target": "global"}),
     "comp_with_heads_no_mask_tuning": ("comp", {"head_sparsity": None, "mask_tuning": False}),
     "comp_with_heads_local_bias": ("comp", {"head_sparsity": None, "mask_target": "local", "mask_bias": True}),
+    "comp_heads_auto": ("comp", {"head_sparsity": "auto"}),  # each layer: heads only where cheaper than channels
     **{p: (p, {}) for p in PEERS},
 }
 
