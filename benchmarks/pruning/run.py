@@ -10,7 +10,7 @@ rebuilt from all runs.
 
     python benchmarks/pruning/run.py                       # the default grid
     python benchmarks/pruning/run.py --only comp@0.2 --eval-limit 50
-    python benchmarks/pruning/run.py --nsamples 128 --seq-len 512 --seeds 0,1,2 --seed-methods comp,llm_pruner \
+    python benchmarks/pruning/run.py --nsamples 128 --seq-len 512 --seeds 0,1,2 --seed-methods comp,llm_pruner --ablations '' \
         --methods comp,llm_pruner,wanda_sp_official,flap_official,llm_pruner_official --ratios 0.2,0.3
 
 The calibration seed is part of every result's key (``runs/NAME@RATIO@seedS.json``), so ``--seeds``
