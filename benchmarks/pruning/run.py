@@ -275,11 +275,13 @@ def ablation_table(records: list[dict], args) -> str:
     lines = [f"SmolLM2-135M-Instruct, calibration C4 {args.nsamples} x {args.seq_len} tokens (seeds {seeds_text(args)}; "
              f"`official` presets: their own sizes, per row in the JSON); perplexity at seq-len 512 over the first "
              f"{args.ppl_windows} windows.\n",
-             "| run | ratio | seed | achieved | WikiText-2 ppl | PTB ppl | options |", "|---|---|---|---|---|---|---|"]
+             "| run | ratio | seed | calibration | achieved | WikiText-2 ppl | PTB ppl | options |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["ratio"], r["name"], r.get("calibration", {}).get("seed", 0))):
         ptb = f"{r['ptb_ppl']:.2f}" if r.get("ptb_ppl") is not None else "-"
-        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('calibration', {}).get('seed', 0)} | "
-                     f"{r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | {ptb} | "
+        c = r.get("calibration", {})
+        lines.append(f"| {r['name']} | {r['ratio']:.4g} | {c.get('seed', 0)} | {c.get('nsamples', '-')} x "
+                     f"{c.get('seq_len', '-')} | {r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | {ptb} | "
                      f"`{json.dumps(r.get('options', {}))}` |")
     for r in sorted(records, key=lambda r: (r["ratio"], r["name"])):
         rows = _mask_rows(r)
