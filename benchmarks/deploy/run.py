@@ -370,9 +370,9 @@ def decode_time_model(record: dict, speed: dict) -> dict[str, dict]:
     by_type: dict[str, list[tuple[float, float, str]]] = {}
     for k, s in speed.items():
         f = record["files"].get(k)
-        dense = speed.get(key("dense", f["outtype"])) if f else None
         if not (f and s.get("decode_tokens_per_s")):
             continue
+        dense = speed.get(key("dense", f["outtype"]))
         if dense and dense.get("decode_tokens_per_s") and s.get("decode_speedup"):
             # the dense file's median time over the paired speed-up: files measured in different passes
             # (a machine a little faster or slower that day) stay comparable

@@ -51,6 +51,14 @@ class LayerTarget:
     channels: int  # FFN channels removed
 
 
+def head_params_removed(adapter: DecoderAdapter, layer: nn.Module, target: LayerTarget) -> int:
+    """Parameters ``target``'s heads take from ``layer``: query heads with their ``o_proj`` columns, whole
+    KV groups with their key and value heads too."""
+    q = query_head_cost(adapter, layer)
+    return (target.heads_per_group * adapter.num_kv_heads(layer) * q
+            + target.groups * (q + kv_head_cost(adapter, layer)))
+
+
 def importance_weights(importance: list[float], strength: float) -> list[float]:
     """Relative pruning weight of each layer from an importance score (higher = keep more).
 
@@ -164,9 +172,7 @@ def neuron_targets(adapter: DecoderAdapter, layer_ids: list[int], params_to_remo
     shares = allocate(float(params_to_remove), [float(s) for s in sizes], weights, caps)
     heads = [_head_units(adapter, layer, shares[n] / sizes[n] if head_sparsity is None else head_sparsity,
                          width_multiple) for n, layer in enumerate(layers)]
-    head_params = [k_h * adapter.num_kv_heads(layer) * query_head_cost(adapter, layer)
-                   + k_g * (query_head_cost(adapter, layer) + kv_head_cost(adapter, layer))
-                   for (k_h, k_g), layer in zip(heads, layers)]
+    head_params = [head_params_removed(adapter, layer, LayerTarget(k_h, k_g, 0)) for (k_h, k_g), layer in zip(heads, layers)]
     if width_multiple > 1:
         return _rounded_channel_targets(adapter, layer_ids, layers, params_to_remove, shares, heads, head_params,
                                         width_multiple, channel_scores)

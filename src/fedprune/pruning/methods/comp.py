@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ...adapters import DecoderAdapter
-from ..budget import (LayerTarget, channel_cost, check_ratio, kv_head_cost, layers_for_params, module_params,
-                      neuron_targets, query_head_cost)
+from ..budget import (LayerTarget, channel_cost, check_ratio, head_params_removed, layers_for_params,
+                      module_params, neuron_targets)
 from ..criteria.layer import block_influence_scores, calibration_nll, lowest, sleb_removal
 from ..criteria.neuron import NEURON_CRITERIA, check_neuron_metric, removal_order
 from ..activations import OFFLOAD_MODES, HiddenStream, release_free_memory
@@ -276,7 +276,8 @@ def fixable_error(acc: GramAccumulator, keep: list[int], opts: CompOptions) -> f
 
 
 def heads_or_channels(adapter: DecoderAdapter, layer, tgt: LayerTarget, head_acc: GramAccumulator,
-                      keep_heads: list[int], ch_accs, opts: CompOptions) -> tuple[LayerTarget, dict[str, Any]]:
+                      keep_heads: list[int], ch_accs, opts: CompOptions
+                      ) -> tuple[LayerTarget, dict[str, Any], list[int]]:
     """``head_sparsity="auto"`` for one layer: remove the planned heads, or as many parameters as FFN channels?
 
     ``E_h`` = fixable error with the planned heads gone (``keep_heads`` kept, :func:`fixable_error`);
@@ -284,8 +285,9 @@ def heads_or_channels(adapter: DecoderAdapter, layer, tgt: LayerTarget, head_acc
     removal, ``P_h`` the heads' parameters and ``c`` one channel's: ``E(drop_{n+x}) - E(drop_n)``, the
     channels chosen by the layer's criterion on its present inputs. Heads go when ``E_h <= E_c``;
     otherwise the target becomes ``n + x`` channels and no head. ``carry_params`` is what whole channels
-    could not match (``P_h - x c``), given to the next layer."""
-    hd_params = head_param_count(adapter, layer, tgt)
+    could not match (``P_h - x c``), given to the next layer. Also returns the channel removal order
+    (``n + x`` channels, least important first), which the layer's FFN step reuses when the heads stay."""
+    hd_params = head_params_removed(adapter, layer, tgt)
     ccost = channel_cost(adapter, layer)
     width = adapter.intermediate_size(layer)
     extra = min(int(round(hd_params / ccost)), width - 1 - tgt.channels)
@@ -306,16 +308,8 @@ def heads_or_channels(adapter: DecoderAdapter, layer, tgt: LayerTarget, head_acc
            "head_params": hd_params, "extra_channels": 0 if prune else extra,
            "carry_params": 0 if prune else hd_params - extra * ccost}
     if prune:
-        return tgt, rec
-    return LayerTarget(0, 0, tgt.channels + extra), rec
-
-
-def head_param_count(adapter: DecoderAdapter, layer, tgt: LayerTarget) -> int:
-    """Parameters the target's heads take: query heads with their ``o_proj`` columns, whole KV groups with
-    their key and value heads too."""
-    n_kv = adapter.num_kv_heads(layer)
-    q = query_head_cost(adapter, layer)
-    return tgt.heads_per_group * n_kv * q + tgt.groups * (q + kv_head_cost(adapter, layer))
+        return tgt, rec, order
+    return LayerTarget(0, 0, tgt.channels + extra), rec, order
 
 
 def _with_carry(adapter: DecoderAdapter, layer, tgt: LayerTarget, carry: int) -> tuple[LayerTarget, int]:
@@ -362,7 +356,7 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
         load_layer(adapter, layer)  # streamed: materialised until finish_layer
         tgt, carry = _with_carry(adapter, layer, targets[kept_pos], carry)
         entry: dict[str, Any] = {"layer": orig_i}
-        ch_accs = None
+        ch_accs = ch_order = None  # set by head_sparsity="auto" when the layer keeps its heads
         prune_heads = bool(tgt.heads_per_group or tgt.groups)
         # -- dense targets: post-attention residual (only when heads are pruned) and output of the
         #    unpruned layer; the output overwrites the dense stream (it is the next layer's input)
@@ -400,10 +394,10 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             keep = choose_heads(adapter, layer, scores, tgt)
             if opts.head_sparsity == "auto":
                 ch_accs = _channel_accumulators(adapter, layer, x_pruned, y_dense, kw, bs)
-                tgt, decision = heads_or_channels(adapter, layer, tgt, acc, keep, ch_accs, opts)
+                tgt, decision, ch_order = heads_or_channels(adapter, layer, tgt, acc, keep, ch_accs, opts)
                 entry["head_decision"] = decision
                 if decision["prune_heads"]:
-                    ch_accs = None  # the FFN's inputs change with the heads: accumulate them again
+                    ch_accs = ch_order = None  # the FFN's inputs change with the heads: score them again
             if tgt.heads_per_group or tgt.groups:
                 adapter.prune_heads(kept_pos, keep)
                 entry["heads_kept"] = len(keep)
@@ -421,7 +415,9 @@ def prune_neurons_layerwise(adapter: DecoderAdapter, ids: torch.Tensor, removed_
             acc = accs[0].merged(accs[1])
             st = acc.unit_stats_channels(down.weight)
             accs[0].unit_stats_channels(down.weight), accs[1].unit_stats_channels(down.weight)
-            drop = set(removal_order(opts.neuron_metric, st, tgt.channels, opts.damp))
+            # (the auto decision ranked exactly these channels on these inputs: the same call, not repeated)
+            drop = set(ch_order if ch_order is not None else removal_order(opts.neuron_metric, st, tgt.channels,
+                                                                            opts.damp))
             keep = [c for c in range(acc.k) if c not in drop]
             adapter.prune_ffn_channels(kept_pos, keep)
             entry["channels_kept"] = len(keep)
