@@ -93,31 +93,30 @@ def test_llm_pruner_official_channel_count_rounds_up_like_the_official_code():
     assert official_layer_cut(ad, ad.layers[0], 0.3) == (0, 20)
 
 
-def test_flap_official_standardises_each_unit_type_across_all_layers():
-    scores = [(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])),
-              (torch.tensor([5.0, 7.0]), torch.tensor([3.0, 4.0]))]
-    # channels 1, 2, 3, 4: mean 2.5, sample std sqrt(5 / 3); heads 1, 3, 5, 7: mean 4, std sqrt(20 / 3)
-    s_c, s_h = (5 / 3) ** 0.5, (20 / 3) ** 0.5
-    glob = standardised(scores, across_layers=True)
-    assert torch.allclose(torch.cat([glob[0][1], glob[1][1]]),
-                          torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64).float() / s_c)
-    assert torch.allclose(torch.cat([glob[0][0], glob[1][0]]), torch.tensor([-3.0, -1.0, 1.0, 3.0]) / s_h)
-    local = standardised(scores, across_layers=False)  # each layer on its own: both layers alike
-    assert torch.allclose(local[0][1], local[1][1]) and torch.allclose(local[0][1], torch.tensor([-0.5, 0.5]) / 0.5 ** 0.5)
+def test_flap_official_standardises_squared_columns_per_layer_then_averages_per_head():
+    # one layer, head_dim 2: attention columns 1, 1, 2, 4 (two heads), channels 1, 2, 3
+    cols = [(torch.tensor([1.0, 1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))]
+    # squared columns 1, 1, 4, 16: mean 5.5, sample std sqrt(((4.5^2) * 2 + 1.5^2 + 10.5^2) / 3) = sqrt(51)
+    z = (torch.tensor([1.0, 1.0, 4.0, 16.0]) - 5.5) / 51 ** 0.5
+    heads, chans = standardised(cols, head_dim=2, preset="official")[0]
+    assert torch.allclose(heads, torch.stack([z[:2].mean(), z[2:].mean()]))
+    assert torch.allclose(chans, torch.tensor([-1.0, 0.0, 1.0]))
+    # project: z-scores of the head sums 2 and 6 (mean 4, std sqrt(8)) and of the channels
+    heads_p, chans_p = standardised(cols, head_dim=2, preset="project")[0]
+    assert torch.allclose(heads_p, torch.tensor([-2.0, 2.0]) / 8 ** 0.5) and torch.allclose(chans_p, chans)
 
 
-def test_flap_official_takes_more_from_a_layer_whose_units_all_score_low():
-    """Scaling layer 0's down_proj by 0.1 scales its channel scores by 0.01: invisible to per-layer
-    z-scores, decisive for z-scores over all layers."""
-    kept = {}
+def test_flap_standardises_each_layer_on_its_own_scale():
+    """The official ``standarlization`` works along each layer's row: a layer whose scores are all 100x
+    smaller gets the same z-scores, so the global threshold does not empty it (the earlier reading,
+    z-scores over all layers, cut SmolLM2-135M's attention to 3 of 9 heads in every layer)."""
+    a = (torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([1.0, 4.0, 9.0]))
+    small = (a[0] * 0.1, a[1] * 0.01)
     for preset in ("project", "official"):
-        m = gqa_model(4)
-        with torch.no_grad():
-            m.model.layers[0].mlp.down_proj.weight.mul_(0.1)
-        res = fedprune.prune(m, "flap", 0.2, calib_ids=calib(), preset=preset)
-        kept[preset] = [r["channels_kept"] for r in res.report["layers"]]
-    assert kept["official"][0] < min(kept["official"][1:])
-    assert kept["official"][0] < kept["project"][0]
+        za, zs = standardised([a, small], head_dim=2, preset=preset)
+        assert torch.allclose(za[0], zs[0]) and torch.allclose(za[1], zs[1])
+    with pytest.raises(ValueError, match="preset"):
+        standardised([a], head_dim=2, preset="global")
 
 
 def test_sleb_official_never_removes_the_first_or_last_block():

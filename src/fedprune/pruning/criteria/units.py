@@ -85,13 +85,20 @@ def wanda_sp_scores(adapter: DecoderAdapter, layer, moments: dict[str, torch.Ten
     return heads, chans
 
 
-def fluctuation_scores(adapter: DecoderAdapter, layer, moments: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLAP's fluctuation metric; ``moments``: the layer's entry of :func:`activation_moments`."""
+def fluctuation_columns(adapter: DecoderAdapter, layer, moments: dict[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's fluctuation metric (WIFV) per input column of the output projections:
+    ``Var(X_j) * ||W[:, j]||^2`` for ``o_proj`` (``[num_heads * head_dim]``) and ``down_proj``
+    (``[intermediate]``); ``moments``: the layer's entry of :func:`activation_moments`."""
     o = adapter.o_proj(layer).weight.detach().double()
     d = adapter.ffn_out(layer).weight.detach().double()
-    heads = per_head(moments["attn_var"] * (o * o).sum(0), adapter.head_dim)
-    chans = moments["ffn_var"] * (d * d).sum(0)
-    return heads, chans
+    return moments["attn_var"] * (o * o).sum(0), moments["ffn_var"] * (d * d).sum(0)
+
+
+def fluctuation_scores(adapter: DecoderAdapter, layer, moments: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's fluctuation metric per head (its columns summed) and per FFN channel."""
+    cols, chans = fluctuation_columns(adapter, layer, moments)
+    return per_head(cols, adapter.head_dim), chans
 
 
 def taylor_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,14 +8,19 @@ contribution ``B = W[:, removed] mean(X_removed)`` is added to the output bias (
 biases to LLaMA's ``o_proj``/``down_proj``, an architecture change the plan records so the
 checkpoint reloads).
 
-Presets (``-o preset=``, :mod:`.presets`): ``project`` standardises the scores per layer and
-unit type, so every layer's units compete on their own layer's scale; ``official`` follows the
-FLAP repository's AL-AM structure: each unit type's scores are standardised over *all* layers
-together (one mean and deviation for every head of the model, one for every channel), then one
-global threshold, so a layer whose units all score low loses more; 1024 windows of 128 tokens.
-Both use the WIFV fluctuation metric and bias compensation; heads go in the GQA slots below
-(the official code, written for multi-head LLaMA, removes single heads; with group size 1 the
-two coincide), and costs are exact parameter counts.
+Presets (``-o preset=``, :mod:`.presets`): ``project`` standardises each head's summed score and
+each channel's score per layer and unit type. ``official`` follows the FLAP repository's AL-AM
+structure: the attention metric is the *squared* WIFV of each ``o_proj`` input column, z-scored
+over the layer's columns and averaged per head; the channels' WIFV is z-scored over the layer's
+channels; then one threshold over all layers and both unit types (parameter-weighted), so the
+structure adapts across layers; 1024 windows of 128 tokens. Both standardise *per layer* (the
+official ``standarlization`` works along each layer's row of the stacked metrics) and use bias
+compensation; heads go in the GQA slots below (the official code, written for multi-head LLaMA,
+removes single heads; with group size 1 the two coincide), costs are exact parameter counts (the
+official 512/3 is LLaMA-7B's head-to-channel cost ratio), and a layer keeps at least one head
+and one channel (the official threshold may empty a layer). The official code calibrates on
+WikiText-2's training split; the preset takes the calibration the caller gives (C4 in the
+benchmarks, so WikiText-2 stays held out).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from ...adapters import DecoderAdapter, head_rows
 from ..bias_compensation import removed_mean_contribution
 from ..budget import LayerTarget, channel_cost, check_ratio, kv_head_cost, query_head_cost
-from ..criteria.units import activation_moments, fluctuation_scores
+from ..criteria.units import activation_moments, fluctuation_columns, per_head
 from ..selection import choose_heads
 from ..width import check_option as check_width_option, gqa_head_counts, head_multiple, head_stops, removal_blocks
 from ..streamed import finish_layer, load_layer, per_layer, resumed_layer, saved_state
@@ -43,8 +48,9 @@ class FlapOptions(BatchOptions):
     bias_compensation: bool = True
     """add the removed columns' mean contribution to the output bias"""
     preset: str = "project"
-    """'project' (scores standardised per layer) or 'official' (FLAP repository's AL-AM: standardised over all
-    layers per unit type, one global threshold, 1024 x 128 calibration)"""
+    """'project' (head sums and channels z-scored per layer) or 'official' (FLAP repository's AL-AM: squared
+    attention columns z-scored per layer and averaged per head, 1024 x 128 calibration); both: one global
+    threshold"""
     width_multiple: int = 1
     """kept FFN widths and kept heads x head_dim multiples of this (32: q4_0/q8_0 blocks, 256: k-quants); 1 = off;
     preset 'project' only (the global walk then takes channels and heads in blocks scored by their mean)"""
@@ -57,17 +63,18 @@ class FlapOptions(BatchOptions):
         self.width_multiple = check_width_option(self.width_multiple, self.preset)
 
 
-def standardised(scores: list[tuple[torch.Tensor, torch.Tensor]], across_layers: bool
+def standardised(columns: list[tuple[torch.Tensor, torch.Tensor]], head_dim: int, preset: str = "project"
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(heads, channels)`` z-scores per layer: each layer on its own scale, or (``across_layers``)
-    each unit type on the scale of all layers' units of that type (FLAP's AL-AM)."""
-    if not across_layers:
-        return [(zscore(hs), zscore(cs)) for hs, cs in scores]
-    out = []
-    for kind in (0, 1):
-        flat = zscore(torch.cat([s[kind] for s in scores]))
-        out.append(torch.split(flat, [len(s[kind]) for s in scores]))
-    return list(zip(*out))
+    """Per layer ``(heads, channels)`` scores on one scale, from :func:`fluctuation_columns`'s
+    ``(attention columns, channels)``; every z-score ``(x - mean) / std`` is over one layer's units:
+
+    - ``project``: ``z(sum of a head's columns)`` and ``z(channel)``;
+    - ``official`` (FLAP's AL-AM): ``mean over a head's columns of z(column^2)`` and ``z(channel)``.
+    """
+    check_preset(preset)
+    if preset == "project":
+        return [(zscore(per_head(a, head_dim)), zscore(c)) for a, c in columns]
+    return [(zscore(a * a).reshape(-1, head_dim).mean(1), zscore(c)) for a, c in columns]
 
 
 def _candidate_units(adapter: DecoderAdapter, zscores: list[tuple[torch.Tensor, torch.Tensor]],
@@ -180,9 +187,9 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
     check_ratio(ratio)
     mom = activation_moments(adapter, ids, opts.batch_size)
     hd = adapter.head_dim
-    scores = saved_state(adapter, "flap_scores",
-                         lambda: per_layer(adapter, lambda i, layer: fluctuation_scores(adapter, layer, mom[i])))
-    zscores = standardised(scores, across_layers=opts.preset == "official")
+    columns = saved_state(adapter, "flap_columns",
+                          lambda: per_layer(adapter, lambda i, layer: fluctuation_columns(adapter, layer, mom[i])))
+    zscores = standardised(columns, hd, opts.preset)
     targets, drop_chans = _global_targets(adapter, _candidate_units(adapter, zscores, opts.width_multiple),
                                           ratio * adapter.num_parameters())
     report = []
@@ -193,8 +200,9 @@ def prune_flap(adapter: DecoderAdapter, ids: torch.Tensor, ratio: float, opts: F
             report.append(entry)
             continue
         load_layer(adapter, layer)  # streamed: materialised until finish_layer
-        hs, cs = scores[i]
-        keep_c = [c for c in range(len(cs)) if c not in set(drop_chans[i])]
+        hs, cs = zscores[i]  # within a layer, the order of the raw scores
+        dropped_c = set(drop_chans[i])
+        keep_c = [c for c in range(len(cs)) if c not in dropped_c]
         keep_h = choose_heads(adapter, layer, hs, targets[i])
         deltas = []
         if opts.bias_compensation:  # computed on the unpruned weights, before surgery
