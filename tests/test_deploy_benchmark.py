@@ -107,3 +107,22 @@ def test_decode_time_model_uses_the_paired_speedup_against_dense(bench):
              "comp-50@f16": {"decode_tokens_per_s": 2 / 0.102, "decode_speedup": 302 / 102}}
     r = bench.decode_time_model({"files": files}, speed)["f16"]
     assert r["overhead_ms_per_token"] == pytest.approx(2.0) and r["bandwidth_gb_per_s"] == pytest.approx(1.0)
+
+
+def test_reexport_keeps_quality_only_for_the_same_file(bench):
+    old = {"bytes": 10, "tensor_types": {"f16": 3}, "bits_per_weight": 16.0, "sha256": "a", "ppl": 30.0,
+           "top1_agreement": 0.9, "ppl_tokens": 4088}
+    same = {"bytes": 10, "tensor_types": {"f16": 3}, "bits_per_weight": 16.0, "sha256": "a"}
+    assert bench.carried_quality(old, same) == {"ppl": 30.0, "top1_agreement": 0.9, "ppl_tokens": 4088}
+    assert bench.carried_quality(old, {**same, "sha256": "b"}) == {}  # another file: measured again
+    legacy = {k: v for k, v in old.items() if k != "sha256"}  # recorded before hashes were stored
+    assert bench.carried_quality(legacy, same) == {}  # the same size is no proof of the same weights
+    assert bench.carried_quality(None, same) == {} and bench.carried_quality({"bytes": 10}, same) == {}
+
+
+def test_file_sha256(bench, tmp_path):
+    import hashlib
+
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"gguf" * 1000)
+    assert bench.file_sha256(f) == hashlib.sha256(b"gguf" * 1000).hexdigest()

@@ -4,7 +4,8 @@
     python benchmarks/deploy/run.py --stage quality    # one stage (prune, export, quality, speed, report)
 
 Models (``--work``, default ``outputs/deploy/``; checkpoints and GGUF files are reused when present):
-``dense``; COMP at ``--ratios`` (default 20/30/50 %) without and with ``-o width_multiple=--width-multiple``
+``dense``; COMP at ``--ratios`` (default 20/30/50 %) without and with ``-o width_multiple=N`` for each N of
+``--width-multiple``
 (``comp-30-w256``: every pruned layer's kept FFN width a multiple of 256, llama.cpp's k-quant block,
 so ``down_proj`` rows quantize as k-quants; SmolLM2's attention width cannot be rounded to 256 - 3, 6
 or 9 heads of 64 - and its 576-wide hidden rows fall back in the dense model too); the ``--peer`` pruner at
@@ -25,7 +26,8 @@ measurement in a fresh process:
   and pruned alternated, the order reversed every other pass), so the pruned/dense speed-up is taken
   from pairs measured minutes apart. Before every run the 1-minute load average is recorded; while it is
   above ``--load-per-core`` per core the run waits (up to ``--max-wait`` s, then runs and is marked
-  ``contended``).
+  ``contended``). ``--first-round K`` measures only passes K.. ``--rounds``-1, so new passes added on
+  another day are paired with a dense run of that day, not with an earlier pass of the same number.
 
 Results go to ``results/deploy.json`` after every measurement (a cut-off run resumes), and the report
 stage writes ``results/deploy.md`` and ``results/frontier.png`` (perplexity against file size, a line
@@ -34,6 +36,7 @@ per model through its quantization types).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -75,10 +78,12 @@ def model_plan(args) -> dict[str, dict]:
     plan = {"dense": {"method": None, "ratio": 0.0, "options": {}}}
     for r in args.ratios:
         plan[f"comp-{round(r * 100)}"] = {"method": "comp", "ratio": r, "options": {}}
-    if args.width_multiple > 1:
+    for multiple in args.width_multiple:
+        if multiple <= 1:
+            continue
         for r in args.ratios:
-            plan[f"comp-{round(r * 100)}-w{args.width_multiple}"] = {
-                "method": "comp", "ratio": r, "options": {"width_multiple": args.width_multiple}}
+            plan[f"comp-{round(r * 100)}-w{multiple}"] = {
+                "method": "comp", "ratio": r, "options": {"width_multiple": multiple}}
     if args.peer:
         plan[f"{args.peer}-{round(args.peer_ratio * 100)}"] = {"method": args.peer, "ratio": args.peer_ratio, "options": {}}
     if args.models:
@@ -172,11 +177,35 @@ def stage_export(args, record: dict) -> None:
                 path.unlink()  # a file from an unrecorded (interrupted) export: ours, under --work
             rep = export_gguf(model_spec(name, args), path, outtype)
             rep = {k2: v for k2, v in rep.items() if k2 != "path"}
-            rep.update(model=name, outtype=outtype, export_s=round(time.perf_counter() - t0, 1))
-            record["files"][k] = rep
+            rep.update(model=name, outtype=outtype, export_s=round(time.perf_counter() - t0, 1),
+                       sha256=file_sha256(path))
+            kept = carried_quality(record["files"].get(k), rep)
+            if kept:
+                print(f"{path.name}: the same file as the recorded one; its quality fields are kept", flush=True)
+            record["files"][k] = {**rep, **kept}
             print(f"exported {path.name}: {rep['bytes'] / 1e6:.1f} MB, {rep.get('bits_per_weight', float('nan')):.2f} bpw",
                   flush=True)
             save_record(record, args.out)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+QUALITY_FIELDS = ("ppl", "top1_agreement", "ppl_tokens")
+
+
+def carried_quality(old: dict | None, new: dict) -> dict:
+    """The quality fields of a file's earlier record when a re-export (the GGUF files were removed, the
+    record kept) wrote the same file again, byte for byte (the same sha256). Otherwise, and for records
+    from before the benchmark stored hashes, nothing: the quality stage measures the new file again."""
+    if not old or "sha256" not in old or old["sha256"] != new["sha256"]:
+        return {}
+    return {f: old[f] for f in QUALITY_FIELDS if f in old}
 
 
 def ppl_windows(args) -> Path:
@@ -216,7 +245,7 @@ def stage_quality(args, record: dict) -> None:
 def stage_speed(args, record: dict) -> None:
     names = list(model_plan(args))
     done = {(s["model"], s["outtype"], s["round"]) for s in record["speed"]}
-    for rnd in range(args.rounds):
+    for rnd in range(args.first_round, args.rounds):
         order = names if rnd % 2 == 0 else names[::-1]
         for outtype in args.outtypes:
             for name in order:
@@ -528,7 +557,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "deploy.json")
     p.add_argument("--outtypes", default=",".join(OUTTYPES))
     p.add_argument("--ratios", default="0.2,0.3,0.5")
-    p.add_argument("--width-multiple", type=int, default=256, help="the rounded COMP variants (1: none)")
+    p.add_argument("--width-multiple", default="256",
+                   help="the rounded COMP variants: comma list of multiples (1: none)")
     p.add_argument("--peer", default="llm_pruner", help="peer pruning method ('' for none)")
     p.add_argument("--peer-ratio", type=float, default=0.3)
     p.add_argument("--models", default="", help="comma list: only these of the run's models (a benchmark in parts)")
@@ -541,12 +571,15 @@ def parse_args(argv=None):
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--first-round", type=int, default=0,
+                   help="measure only rounds from this one on (new passes of every model, paired in time)")
     p.add_argument("--load-per-core", type=float, default=0.5)
     p.add_argument("--max-wait", type=float, default=180.0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.outtypes = [t for t in args.outtypes.split(",") if t]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    args.width_multiple = [int(m) for m in str(args.width_multiple).split(",") if m]
     args.models = [m for m in args.models.split(",") if m]
     return args
 
