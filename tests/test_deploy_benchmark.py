@@ -44,9 +44,10 @@ def test_frontier_and_comparison_with_dense(bench):
     assert vs["comp-50@q4_k_m"]["beats_dense"] is None
 
 
-def _run(model, outtype, rnd, decode, contended=False):
+def _run(model, outtype, rnd, decode, contended=False, prefill=None):
     return {"model": model, "outtype": outtype, "round": rnd, "decode_tokens_per_s": decode,
-            "prefill_tokens_per_s": 10 * decode, "peak_rss_bytes": 1e8, "contended": contended, "load_before": 0.3}
+            "prefill_tokens_per_s": 10 * decode if prefill is None else prefill, "peak_rss_bytes": 1e8,
+            "contended": contended, "load_before": 0.3}
 
 
 def test_speedup_is_the_median_of_paired_ratios(bench):
@@ -60,6 +61,11 @@ def test_speedup_is_the_median_of_paired_ratios(bench):
     assert s["comp-30@f16"]["decode_speedup"] == pytest.approx(1.5)
     assert s["comp-30@f16"]["decode_tokens_per_s"] == pytest.approx(110.0)
     assert s["comp-30@f16"]["contended_runs"] == 1 and s["dense@f16"]["decode_speedup"] == pytest.approx(1.0)
+    # prefill is paired the same way, on its own figures: pairs 0.9, 1.5, 1.2 -> 1.2
+    record = {"speed": [_run("dense", "f16", 0, 50.0, prefill=500.0), _run("comp-30", "f16", 0, 75.0, prefill=450.0),
+                        _run("dense", "f16", 1, 50.0, prefill=400.0), _run("comp-30", "f16", 1, 75.0, prefill=600.0),
+                        _run("dense", "f16", 2, 50.0, prefill=500.0), _run("comp-30", "f16", 2, 75.0, prefill=600.0)]}
+    assert bench.speed_summary(record)["comp-30@f16"]["prefill_speedup"] == pytest.approx(1.2)
 
 
 def test_targets_compare_speedup_with_the_file_size_ratio(bench):
@@ -70,6 +76,15 @@ def test_targets_compare_speedup_with_the_file_size_ratio(bench):
     assert row["within_10pct_of_size_ratio"] and row["at_least_1_3x"]
     (row,) = bench.checks(record, {"comp-30@f16": {"decode_speedup": 1.2}})
     assert not row["within_10pct_of_size_ratio"] and not row["at_least_1_3x"]
+    # the width-rounded COMP 30 % variants are checked too (unrounded first, then by multiple); COMP 20 % is not
+    record["files"].update({"comp-30-w256@f16": _file("comp-30-w256", "f16", 190, 121.0),
+                            "comp-30-w32@f16": _file("comp-30-w32", "f16", 190, 119.0),
+                            "comp-20@f16": _file("comp-20", "f16", 217, 60.0)})
+    speed = {k: {"decode_speedup": 1.38, "rounds": 6} for k in ("comp-30@f16", "comp-30-w256@f16", "comp-30-w32@f16",
+                                                                  "comp-20@f16")}
+    rows = bench.checks(record, speed)
+    assert [r["model"] for r in rows] == ["comp-30", "comp-30-w32", "comp-30-w256"]
+    assert all(r["passes"] == 6 and r["at_least_1_3x"] for r in rows)
 
 
 def test_wait_for_quiet_marks_a_busy_machine(bench, monkeypatch):
