@@ -201,3 +201,37 @@ def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
     assert "| acc | acc_norm |" in md
     row0 = next(line for line in md.splitlines() if line.startswith("| 0 |"))
     assert f"| {metrics[0]['acc']:.4g} | {metrics[0]['acc_norm']:.4g} |" in row0
+
+
+def test_score_global_matches_the_rounds_own_evaluation_with_per_question_correctness(tmp_path):
+    """``score_global`` (the CSQA benchmarks' scoring): the same loss and accuracy as the simulation's
+    round evaluation of the same global model, plus a 0/1 per question that adds up to the accuracy;
+    the base is left at ``W0 + base_delta``."""
+    import json
+
+    import torch
+
+    from fedprune.federated.config import load_config
+    from fedprune.federated.evaluation import score_global
+    from fedprune.federated.runtime.simulation import Simulation
+    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
+    from fedprune.models.tiny import tiny_model
+
+    torch.manual_seed(0)
+    tok = tiny_bpe_tokenizer()
+    cfg = load_config(None, [
+        "model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.dataset=commonsense_qa", "data.partition=dirichlet",
+        "data.max_examples_per_client=6", "train.local_steps=2", "train.grad_accum=1", "train.seq_len=48",
+        "federation.rounds=1", "federation.clients_per_round=2", "federation.dropout=false", "lora.rank=4",
+        "eval.loss_examples=6", "eval.rouge_examples=0", "eval.accuracy_examples=5"])
+    sim = Simulation(cfg, tmp_path / "run", model=tiny_model("llama", vocab_size=len(tok)), tokenizer=tok)
+    sim.run()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    before = {k: v.clone() for k, v in sim.base.model.state_dict().items()}
+    row = score_global(sim, "commonsense_qa_cloze", 5, 6)
+    assert row["questions"] == 5 and len(row["correct"]) == len(row["correct_norm"]) == 5
+    assert row["acc"] == pytest.approx(last["acc"]) and row["acc_norm"] == pytest.approx(last["acc_norm"])
+    assert row["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    assert sum(row["correct"]) / 5 == pytest.approx(row["acc"]) and sum(row["correct_norm"]) / 5 == pytest.approx(row["acc_norm"])
+    after = sim.base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

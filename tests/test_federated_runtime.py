@@ -49,6 +49,28 @@ def test_interrupted_and_resumed_equals_uninterrupted(tokenizer, tmp_path, strat
     assert (tmp_path / "part" / "config.yaml").exists()
 
 
+def test_cpu_seconds_add_up_over_a_resume(tokenizer, tmp_path, monkeypatch):
+    """totals["cpu_s"] sums the process CPU seconds of every segment up to its last checkpoint; the
+    per-round metric is the running total. A fake clock that ticks 1 s per call makes it exact."""
+    import fedprune.federated.runtime.simulation as simulation
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(simulation.time, "process_time", lambda: float(next(ticks)))
+    extra = ["federation.rounds=2", "eval.every=10", "eval.rouge_examples=0"]
+    part = make_sim(tokenizer, tmp_path / "run", extra)
+    part.run(stop_after=1)
+    first = part.totals["cpu_s"]
+    assert first > 0
+    t0 = simulation.time.process_time()  # the resumed Simulation's first reading is the next tick
+    resumed = make_sim(tokenizer, tmp_path / "run", extra)
+    resumed.run(resume=True)
+    # the first segment's seconds are kept, the second's (init to last checkpoint) added
+    assert resumed.totals["cpu_s"] == first + resumed._cpu_mark - (t0 + 1)
+    m = lines(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in m] == [0, 1, 2] and m[2]["cpu_s"] > m[1]["cpu_s"] >= first - 1
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["totals"]["cpu_s"] == resumed.totals["cpu_s"]
+
+
 def test_malformed_update_rejected_and_never_aggregated(tokenizer, tmp_path, caplog):
     seen = []
 

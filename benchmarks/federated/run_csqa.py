@@ -12,8 +12,9 @@ initialisation, data order).
 
 Score: the global model's cloze accuracy (``commonsense_qa_cloze``, acc_norm and acc) on the first
 ``--eval-questions`` validation questions (all 1,221 by default), each question's correctness saved,
-and the held-out answer loss on 200 questions; the scoring and the CPU accounting are those of
-``benchmarks/fedpruner/run_csqa.py`` (one implementation). The base model's row is read from that
+and the held-out answer loss on 200 questions, by ``fedprune.federated.evaluation.score_global`` as in
+``benchmarks/fedpruner/run_csqa.py``; CPU seconds are the Simulation's own ``totals["cpu_s"]``
+(every segment of a resumed run) plus the evaluation's. The base model's row is read from that
 benchmark's ``base.json`` when it exists (the same model, questions and scoring).
 
 Files: one result per (method, seed) in results/csqa/<method>_seed<k>.json, written atomically when the
@@ -26,8 +27,6 @@ seeds and the paired bootstrap interval over questions.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import logging
 import sys
@@ -42,17 +41,9 @@ BASE_RESULT = ROOT / "benchmarks/fedpruner/results/csqa/base.json"
 METHODS = ["fedit", "hetlora", "flexlora", "flora"]
 REFERENCE = "fedit"
 ALL_QUESTIONS = 1221
+TASK = "commonsense_qa_cloze"  # scored like benchmarks/fedpruner/run_csqa.py: acc_norm on the cloze task
+LOSS_QUESTIONS = 200  # held-out answer loss on the first 200 validation questions, as there
 DEFAULTS = {"rounds": 6}  # the configs' own; seed 0 of fedit is then the recovery benchmark's dense + fed LoRA run
-
-
-@functools.lru_cache(maxsize=1)
-def _csqa_bench():
-    """benchmarks/fedpruner/run_csqa.py: the CPU clock, the CPU-accounting Simulation and the scoring."""
-    spec = importlib.util.spec_from_file_location("fedpruner_csqa_bench", ROOT / "benchmarks/fedpruner/run_csqa.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def config_file(method: str) -> Path:
@@ -88,19 +79,23 @@ def run_one(method: str, seed: int, args) -> dict:
     from fedprune.federated.config import load_config
     from fedprune.federated.runtime.simulation import CHECKPOINT
 
-    bench = _csqa_bench()
+    from fedprune.federated.evaluation import score_global
+    from fedprune.federated.runtime.simulation import Simulation
+
     cfg_file = config_file(method)
     over = overrides(method, seed, args)
     cfg = load_config(cfg_file, over)
     run_dir = args.out / "runs" / f"{method}_seed{seed}"
     t0 = time.perf_counter()
-    sim = bench.make_simulation(cfg, run_dir)
+    sim = Simulation(cfg, run_dir)
     resume = (run_dir / CHECKPOINT).exists()
     logging.info("[%s seed %d] %s", method, seed, "resuming" if resume else "starting")
     sim.run(resume=resume, initial_metrics={"not_evaluated": True})
     row = {"method": method, "seed": seed, "settings": settings(args), "config": str(cfg_file.relative_to(ROOT)),
            "overrides": over, "ranks": list(cfg.federation.ranks or [cfg.lora.rank])}
-    row.update(bench.final_eval(sim, argparse.Namespace(eval_questions=args.eval_questions, letter=False)))
+    c0, w0 = time.process_time(), time.perf_counter()
+    row.update(score_global(sim, TASK, args.eval_questions, LOSS_QUESTIONS))
+    row.update(eval_cpu_s=time.process_time() - c0, eval_wall_s=time.perf_counter() - w0)
     ok = [c for c in atomic.read_jsonl(run_dir / "clients.jsonl") if c["status"] == "ok"]
     t = sim.totals
     row.update({"device_rounds": len(ok), "participation": len(ok) / (cfg.federation.rounds * cfg.federation.clients_per_round),

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -55,11 +53,6 @@ LOSS_QUESTIONS = 200
 # chosen by a pilot: fedit_full (seed 0) moved acc_norm on the first 200 questions from 0.315 to 0.520 after
 # 4 rounds and 0.525 after 8 (5 and 10 device-rounds of 32 examples)
 DEFAULTS = {"rounds": 8, "local_steps": 8, "grad_accum": 4, "lr": 0.0005}
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def config_file(method: str) -> Path:
@@ -87,46 +80,28 @@ def result_path(out: Path, method: str, seed: int | None) -> Path:
 # ---- evaluation ---------------------------------------------------------------------------------------
 def final_eval(sim, args) -> dict:
     """Cloze (and lettered) accuracy with per-question correctness, and the held-out answer loss."""
-    import torch
+    from fedprune.federated.evaluation import global_choice_details, score_global
 
-    from fedprune.evaluate.zeroshot import zero_shot_details
-    from fedprune.federated.evaluation import EvalSettings, evaluate_global, merged_delta
-
-    c0, t0 = cpu_s(), time.perf_counter()
-    g = sim.global_
-    out = evaluate_global(sim.base, sim.tokenizer, sim.test_records, EvalSettings(loss_examples=LOSS_QUESTIONS,
-                          rouge_examples=0, batch_size=8), sim.cfg.train.seq_len, g.base_delta,
-                          sim.strategy.eval_delta(g), sim.cfg.data.dataset, sim.cfg.data.data_dir)
-    row = {"test_loss": out["test_loss"], "test_loss_questions": LOSS_QUESTIONS}
-    sim.base.set_base_delta(merged_delta(g.base_delta, sim.strategy.eval_delta(g)))
-    sim.base.model.eval()
-    try:
-        with sim.base.lora_disabled(), torch.no_grad():
-            d = zero_shot_details(sim.base.model, sim.tokenizer, TASK, args.eval_questions, batch_size=16,
-                                  data_dir=sim.cfg.data.data_dir, progress=False)
-            row.update(acc=d["acc"], acc_norm=d["acc_norm"], questions=d["examples"],
-                       correct=[int(s.pred == s.label) for s in d["scores"]],
-                       correct_norm=[int(s.pred_norm == s.label) for s in d["scores"]])
-            if args.letter:
-                e = zero_shot_details(sim.base.model, sim.tokenizer, LETTER_TASK, args.eval_questions, batch_size=16,
-                                      data_dir=sim.cfg.data.data_dir, progress=False)
-                row.update(letter_acc=e["acc"], letter_correct=[int(s.pred == s.label) for s in e["scores"]])
-    finally:
-        sim.base.set_base_delta(g.base_delta)
-    row.update(eval_cpu_s=cpu_s() - c0, eval_wall_s=time.perf_counter() - t0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    row = score_global(sim, TASK, args.eval_questions, LOSS_QUESTIONS)
+    if args.letter:
+        g = sim.global_
+        e = global_choice_details(sim.base, sim.tokenizer, g.base_delta, sim.strategy.eval_delta(g), LETTER_TASK,
+                                  args.eval_questions, sim.cfg.data.data_dir)
+        row.update(letter_acc=e["acc"], letter_correct=e["correct"])
+    row.update(eval_cpu_s=time.process_time() - c0, eval_wall_s=time.perf_counter() - t0)
     return row
 
 
 # ---- one run ------------------------------------------------------------------------------------------
 def make_simulation(cfg, run_dir: Path):
-    """A Simulation that adds process CPU seconds to its checkpointed totals at every checkpoint, and
-    logs every device's plan (layers, sub-blocks, LoRA parameters, local losses) to plans.jsonl."""
+    """A Simulation that logs every device's plan (layers, sub-blocks, LoRA parameters, local losses) to
+    plans.jsonl (the Simulation itself keeps the process CPU seconds in ``totals["cpu_s"]``)."""
     from fedprune import atomic
     from fedprune.federated.runtime.simulation import Simulation
 
-    class TimedSimulation(Simulation):
+    class PlanLoggingSimulation(Simulation):
         def __init__(self, *a, **kw):
-            self._cpu_mark = cpu_s()  # model loading counts
             super().__init__(*a, **kw)
             inner = self.strategy.client_trainer
 
@@ -144,13 +119,7 @@ def make_simulation(cfg, run_dir: Path):
 
             self.strategy.client_trainer = traced
 
-        def save_checkpoint(self):
-            now = cpu_s()
-            self.totals["cpu_s"] = self.totals.get("cpu_s", 0.0) + now - self._cpu_mark
-            self._cpu_mark = now
-            super().save_checkpoint()
-
-    return TimedSimulation(cfg, run_dir)
+    return PlanLoggingSimulation(cfg, run_dir)
 
 
 def per_class(run_dir: Path) -> dict:
@@ -221,11 +190,11 @@ def run_base(args) -> dict:
     from fedprune.federated.config import load_config
     from fedprune.federated.runtime.simulation import Simulation
 
-    c0 = cpu_s()
+    c0 = time.process_time()
     cfg = load_config(config_file("fedpruner"), overrides("fedpruner", 0, args))
     sim = Simulation(cfg, args.out / "runs" / "_base")  # never run
     row = {"method": "base", "seed": None, "settings": settings(args), **final_eval(sim, args)}
-    row["cpu_s"] = cpu_s() - c0
+    row["cpu_s"] = time.process_time() - c0
     atomic.write_json(result_path(args.out, "base", None), row)
     logging.info("[base] acc_norm %.4f acc %.4f", row["acc_norm"], row["acc"])
     return row

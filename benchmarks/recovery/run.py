@@ -30,9 +30,7 @@ Models, run directories and GGUF files stay under ``--work`` (outputs/recovery, 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
-import importlib.util
 import json
 import logging
 import os
@@ -56,17 +54,8 @@ EXPORT_ROW = "comp20"
 WITHIN_POINTS = 3.0
 
 
-@functools.lru_cache(maxsize=1)
-def _csqa_bench():
-    """benchmarks/fedpruner/run_csqa.py: its CPU clock and its CPU-accounting Simulation (resumes add up)."""
-    spec = importlib.util.spec_from_file_location("fedpruner_csqa_bench", ROOT / "benchmarks/fedpruner/run_csqa.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def cpu_s() -> float:
-    return _csqa_bench().cpu_s()
+    return time.process_time()
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -187,13 +176,13 @@ def do_eval(args, row: str) -> dict:
 
 def do_fed(args, row: str) -> dict:
     from fedprune.federated.config import load_config
-    from fedprune.federated.runtime.simulation import CHECKPOINT
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     spec = base_spec(args, row)
     over = [f"model.name={spec}", f"model.tokenizer={spec}", *fed_overrides(args)]
     cfg = load_config(FED_CONFIG, over)
     rd = run_dir(args, row)
-    sim = _csqa_bench().make_simulation(cfg, rd)
+    sim = Simulation(cfg, rd)
     resume = (rd / CHECKPOINT).exists()
     logging.info("[%s fed] %s", row, "resuming" if resume else "starting")
     sim.run(resume=resume, initial_metrics={"not_evaluated": True})

@@ -142,6 +142,28 @@ def choice_accuracy(model, tokenizer, task: str, limit: int, data_dir: str | Non
     return {**accuracy(scores), "acc_task": task, "acc_examples": len(examples)}
 
 
+def global_choice_details(base: SharedBaseModel, tokenizer, base_delta: Mapping[str, torch.Tensor],
+                          eval_delta: Mapping[str, torch.Tensor], task: str, limit: int | None,
+                          data_dir: str | None = None, batch_size: int = 16) -> dict:
+    """The global model ``W0 + base_delta + eval_delta`` (LoRA off) on the first ``limit`` questions of
+    the multiple-choice ``task``: ``acc``, ``acc_norm``, ``questions`` and, per question, ``correct`` and
+    ``correct_norm`` (0/1, in the task's order: paired comparisons between runs need them). Leaves
+    the base at ``W0 + base_delta``."""
+    from ..evaluate.zeroshot import zero_shot_details
+
+    base.set_base_delta(merged_delta(base_delta, eval_delta))
+    base.model.eval()
+    try:
+        with base.lora_disabled(), torch.no_grad():
+            d = zero_shot_details(base.model, tokenizer, task, limit, batch_size=batch_size, data_dir=data_dir,
+                                  progress=False)
+    finally:
+        base.set_base_delta(base_delta)
+    return {"acc": d["acc"], "acc_norm": d["acc_norm"], "questions": d["examples"],
+            "correct": [int(x.pred == x.label) for x in d["scores"]],
+            "correct_norm": [int(x.pred_norm == x.label) for x in d["scores"]]}
+
+
 def evaluate_global_tasks(base: SharedBaseModel, tokenizer, base_delta: Mapping[str, torch.Tensor],
                           eval_delta: Mapping[str, torch.Tensor], tasks: Sequence[str], limit: int | None = None,
                           seq_len: int = 512, batch_size: int = 8) -> dict:
@@ -160,3 +182,17 @@ def evaluate_global_tasks(base: SharedBaseModel, tokenizer, base_delta: Mapping[
     finally:
         base.set_base_delta(base_delta)
     return {"average": out["average"], "results": dict(out["results"])}
+
+
+def score_global(sim, task: str, questions: int | None, loss_examples: int) -> dict:
+    """A simulation's global model (``sim``: :class:`~fedprune.federated.runtime.simulation.Simulation`):
+    ``test_loss`` over its first ``loss_examples`` held-out records and, from
+    :func:`global_choice_details`, ``task``'s accuracy with per-question correctness on its first
+    ``questions``."""
+    g = sim.global_
+    out = evaluate_global(sim.base, sim.tokenizer, sim.test_records, EvalSettings(loss_examples=loss_examples,
+                          rouge_examples=0, batch_size=8), sim.cfg.train.seq_len, g.base_delta,
+                          sim.strategy.eval_delta(g), sim.cfg.data.dataset, sim.cfg.data.data_dir)
+    return {"test_loss": out["test_loss"], "test_loss_questions": loss_examples,
+            **global_choice_details(sim.base, sim.tokenizer, g.base_delta, sim.strategy.eval_delta(g), task,
+                                    questions, sim.cfg.data.data_dir)}
