@@ -12,7 +12,7 @@ from fedprune.data import resolve_root
 from fedprune.data.choice import ChoiceExample, multiple_choice, multiple_input
 from fedprune.data.toy_tokenizer import toy_tokenizer
 from fedprune.evaluate import (accuracy, encode_pair, evaluate, loglikelihoods, perplexity, perplexity_of_tokens,
-                               score_example, score_examples, speed, zero_shot_average)
+                               score_example, score_examples, score_flat, speed, zero_shot_average)
 from fedprune.models.tiny import tiny_model
 
 HAVE_DATA = (resolve_root() / "piqa" / "dev.jsonl").is_file()
@@ -128,6 +128,16 @@ def test_acc_and_acc_norm_on_a_constructed_case():
     assert accuracy([s]) == {"acc": 0.0, "acc_norm": 1.0}
     tie = score_example(multiple_choice("Q:", ["x", "y"], label=0), [-1.0, -1.0])
     assert (tie.pred, tie.pred_norm) == (0, 0)  # first maximum, like numpy.argmax
+
+
+def test_score_flat_splits_the_loglikelihoods_per_example():
+    a = multiple_choice("Q:", ["ab", "abcdefgh"], label=1)
+    b = multiple_choice("R:", ["x", "y", "z"], label=2)
+    s = score_flat([a, b], [-10.0, -12.0, -3.0, -2.0, -1.0])
+    assert [(x.pred, x.pred_norm, x.label) for x in s] == [(0, 1, 1), (2, 2, 2)]
+    assert s[1].loglikelihoods == (-3.0, -2.0, -1.0)
+    with pytest.raises(ValueError, match="4 log-likelihoods for 5 requests"):
+        score_flat([a, b], [-1.0] * 4)
 
 
 def test_scoring_picks_the_choice_the_model_prefers():

@@ -27,7 +27,7 @@ from fedprune.data.choice import hellaswag_example
 from fedprune.evaluate import accuracy, score_examples
 from fedprune.evaluate.lm_eval_bridge import TASK_YAMLS, lm_eval_metrics, lm_eval_requests, lm_eval_task
 from fedprune.data.toy_tokenizer import toy_tokenizer
-from fedprune.evaluate import loglikelihoods, score_example
+from fedprune.evaluate import loglikelihoods, score_flat
 from fedprune.models.tiny import tiny_model
 
 TASK_COUNTS = {"piqa": 20, "arc_easy": 20, "winogrande": 6, "hellaswag": 4, "boolq": 3, "openbookqa": 4}
@@ -56,12 +56,7 @@ def _lm_eval_loglikelihoods(directory, requests, batch_size=8):
 
 
 def _predictions(examples, lls):
-    out, k = [], 0
-    for ex in examples:
-        s = score_example(ex, lls[k:k + len(ex.requests)])
-        out.append((s.pred, s.pred_norm))
-        k += len(ex.requests)
-    return out
+    return [(s.pred, s.pred_norm) for s in score_flat(examples, lls)]
 
 
 def _crosscheck(model, tokenizer, directory, examples, scoring="shared-prefix"):

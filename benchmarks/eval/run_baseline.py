@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from fedprune import atomic, load_model, load_tokenizer  # noqa: E402
 from fedprune.data import SEVEN_TASKS, is_text_dataset, load_examples, load_records, load_text  # noqa: E402
 from fedprune.evaluate import (accuracy, parse_tasks, perplexity_of_tokens, reported_metric,  # noqa: E402
-                               score_example, score_examples, zero_shot_average)
+                               score_examples, score_flat, zero_shot_average)
 from fedprune.evaluate.lm_eval_bridge import lm_eval_metrics, lm_eval_requests, lm_eval_task  # noqa: E402
 from fedprune.evaluate.perplexity import tokenize_text, windows  # noqa: E402
 
@@ -102,11 +102,7 @@ def zero_shot_pair(model, tokenizer, task: str, args) -> dict:
     lls, t_lm = timed(lambda: [ll for ll, _ in lm.loglikelihood(flat)])
     ours_lls = [ll for s in scores for ll in s.loglikelihoods]
     same_requests = [inst.arguments for inst in flat] == [r for ex in examples for r in ex.requests]
-    lm_preds, k = [], 0
-    for ex in examples:
-        s = score_example(ex, lls[k:k + len(ex.requests)])
-        lm_preds.append((s.pred, s.pred_norm))
-        k += len(ex.requests)
+    lm_preds = [(s.pred, s.pred_norm) for s in score_flat(examples, lls)]
     n_tok = sum(len(tokenizer.encode(c + x)) for c, x in (inst.arguments for inst in flat))
     return {
         "n": len(examples), "unit": "examples",

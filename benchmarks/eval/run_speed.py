@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from fedprune import atomic, load_model, load_tokenizer  # noqa: E402
 from fedprune.data import SEVEN_TASKS, load_examples, load_records  # noqa: E402
-from fedprune.evaluate import score_example, score_examples  # noqa: E402
+from fedprune.evaluate import score_examples, score_flat  # noqa: E402
 from fedprune.evaluate.lm_eval_bridge import lm_eval_requests, lm_eval_task  # noqa: E402
 from fedprune.evaluate.loglik import scoring_path  # noqa: E402
 
@@ -71,12 +71,7 @@ def timed(fn) -> tuple[object, dict]:
 
 
 def predictions(examples, lls) -> list[tuple[int, int]]:
-    out, k = [], 0
-    for ex in examples:
-        s = score_example(ex, lls[k:k + len(ex.requests)])
-        out.append((s.pred, s.pred_norm))
-        k += len(ex.requests)
-    return out
+    return [(s.pred, s.pred_norm) for s in score_flat(examples, lls)]
 
 
 def run_task(task: str, index: int, model, tokenizer, lm, args) -> dict:

@@ -13,10 +13,10 @@ from .harness import DEFAULT_TASKS, evaluate, parse_tasks, reported_metric, zero
 from .loglik import encode_pair, loglikelihoods
 from .perplexity import perplexity, perplexity_details, perplexity_of_tokens
 from .speed import parameter_bytes, speed
-from .zeroshot import ChoiceScore, accuracy, score_example, score_examples, zero_shot, zero_shot_details
+from .zeroshot import ChoiceScore, accuracy, score_example, score_examples, score_flat, zero_shot, zero_shot_details
 
 __all__ = [
     "DEFAULT_TASKS", "evaluate", "parse_tasks", "reported_metric", "zero_shot_average", "encode_pair",
     "loglikelihoods", "perplexity", "perplexity_details", "perplexity_of_tokens", "parameter_bytes", "speed",
-    "ChoiceScore", "accuracy", "score_example", "score_examples", "zero_shot", "zero_shot_details",
+    "ChoiceScore", "accuracy", "score_example", "score_examples", "score_flat", "zero_shot", "zero_shot_details",
 ]

@@ -57,6 +57,14 @@ def score_examples(model, tokenizer, examples: list[ChoiceExample], batch_size: 
     requests = [r for ex in examples for r in ex.requests]
     lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, add_bos_token=add_bos_token,
                          progress=progress, desc=desc, scoring=scoring)
+    return score_flat(examples, lls)
+
+
+def score_flat(examples: list[ChoiceExample], lls: list[float]) -> list[ChoiceScore]:
+    """Every example scored from ``lls``, the log-likelihoods of all examples' requests in order (one
+    per choice, as :func:`score_examples` or another evaluator such as lm-eval returns them)."""
+    if len(lls) != sum(len(ex.requests) for ex in examples):
+        raise ValueError(f"{len(lls)} log-likelihoods for {sum(len(ex.requests) for ex in examples)} requests")
     scores, k = [], 0
     for ex in examples:
         scores.append(score_example(ex, lls[k:k + len(ex.requests)]))
