@@ -163,14 +163,11 @@ def test_csqa_config_and_data_settings():
         load_config(None, ["eval.accuracy_examples=5"])  # Dolly has no multiple-choice task
 
 
-@needs_data
-def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
-    import json
-
+def tiny_csqa_simulation(run_dir):
+    """A one-round CommonsenseQA federation of a tiny LLaMA: loss on 6 held-out questions and the
+    cloze task's accuracy on 5 at every evaluation."""
     import torch
 
-    from fedprune.data import load_examples
-    from fedprune.evaluate import accuracy, score_examples
     from fedprune.federated.config import load_config
     from fedprune.federated.runtime.simulation import Simulation
     from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
@@ -184,7 +181,17 @@ def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
         "federation.rounds=1", "federation.clients_per_round=2", "federation.dropout=false", "lora.rank=4",
         "eval.loss_examples=6", "eval.rouge_examples=0", "eval.accuracy_examples=5"])
     model = tiny_model("llama", vocab_size=len(tok))
-    sim = Simulation(cfg, tmp_path / "run", model=model, tokenizer=tok)
+    return Simulation(cfg, run_dir, model=model, tokenizer=tok), model, tok
+
+
+@needs_data
+def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
+    import json
+
+    from fedprune.data import load_examples
+    from fedprune.evaluate import accuracy, score_examples
+
+    sim, model, tok = tiny_csqa_simulation(tmp_path / "run")
     assert all(len({r["question_concept"] for r in p}) >= 1 and "group" in p[0] for p in sim.partitions)
     before = accuracy(score_examples(model, tok, load_examples("commonsense_qa_cloze", limit=5), progress=False))
     sim.run()
@@ -203,6 +210,7 @@ def test_tiny_federated_run_logs_loss_and_accuracy(tmp_path):
     assert f"| {metrics[0]['acc']:.4g} | {metrics[0]['acc_norm']:.4g} |" in row0
 
 
+@needs_data
 def test_score_global_matches_the_rounds_own_evaluation_with_per_question_correctness(tmp_path):
     """``score_global`` (the CSQA benchmarks' scoring): the same loss and accuracy as the simulation's
     round evaluation of the same global model, plus a 0/1 per question that adds up to the accuracy;
@@ -211,20 +219,9 @@ def test_score_global_matches_the_rounds_own_evaluation_with_per_question_correc
 
     import torch
 
-    from fedprune.federated.config import load_config
     from fedprune.federated.evaluation import score_global
-    from fedprune.federated.runtime.simulation import Simulation
-    from fedprune.federated.tiny_tokenizer import tiny_bpe_tokenizer
-    from fedprune.models.tiny import tiny_model
 
-    torch.manual_seed(0)
-    tok = tiny_bpe_tokenizer()
-    cfg = load_config(None, [
-        "model.name=tiny-llama", "model.tokenizer=tiny-bpe", "data.dataset=commonsense_qa", "data.partition=dirichlet",
-        "data.max_examples_per_client=6", "train.local_steps=2", "train.grad_accum=1", "train.seq_len=48",
-        "federation.rounds=1", "federation.clients_per_round=2", "federation.dropout=false", "lora.rank=4",
-        "eval.loss_examples=6", "eval.rouge_examples=0", "eval.accuracy_examples=5"])
-    sim = Simulation(cfg, tmp_path / "run", model=tiny_model("llama", vocab_size=len(tok)), tokenizer=tok)
+    sim, _, _ = tiny_csqa_simulation(tmp_path / "run")
     sim.run()
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     before = {k: v.clone() for k, v in sim.base.model.state_dict().items()}
