@@ -67,7 +67,7 @@ def test_cpu_seconds_add_up_over_a_resume(tokenizer, tmp_path, monkeypatch):
     # the first segment's seconds are kept, the second's (init to last checkpoint) added
     assert resumed.totals["cpu_s"] == first + resumed._cpu_mark - (t0 + 1)
     m = lines(tmp_path / "run" / "metrics.jsonl")
-    assert [r["round"] for r in m] == [0, 1, 2] and m[2]["cpu_s"] > m[1]["cpu_s"] >= first - 1
+    assert [r["round"] for r in m] == [0, 1, 2] and m[2]["cpu_s"] > m[1]["cpu_s"] > m[0]["cpu_s"] > 0
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["totals"]["cpu_s"] == resumed.totals["cpu_s"]
 
 

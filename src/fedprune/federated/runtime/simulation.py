@@ -189,7 +189,7 @@ class Simulation:
             atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self.base.set_base_delta(self.global_.base_delta)
             m = {"round": 0, **(initial_metrics or self.evaluate()), "sim_time_s": 0.0, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
-                 "peak_rss_mb": peak_rss_mb()}
+                 "cpu_s": self.cpu_seconds(), "peak_rss_mb": peak_rss_mb()}
             atomic.append_jsonl(self.run_dir / "metrics.jsonl", m)
             self.save_checkpoint()
         rounds = self.cfg.federation.rounds
