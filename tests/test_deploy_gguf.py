@@ -106,6 +106,7 @@ def test_per_layer_shapes_are_written_as_arrays(tok, tmp_path):
     m = pruned_llama(tok)
     rep = export_gguf(m, tmp_path / "m.gguf", "f16", tokenizer=tok)
     assert rep["architecture"] == "deci" and not rep["uniform_layers"]
+    assert rep["unaligned_ffn_layers"] == [1]  # FFN 96, 40, 64: only 40 is not a multiple of 32
     r, f = _fields(tmp_path / "m.gguf")
     assert f["general.architecture"] == "deci"
     assert f["deci.attention.head_count"] == [4, 2, 4]
@@ -130,6 +131,7 @@ def test_uniform_model_is_plain_llama(tok, tmp_path):
     rep = export_gguf(m, tmp_path / "u.gguf", "q8_0", tokenizer=tok)
     r, f = _fields(tmp_path / "u.gguf")
     assert rep["architecture"] == "llama" and f["llama.attention.head_count"] == 4
+    assert rep["unaligned_ffn_layers"] == []
     assert f["llama.feed_forward_length"] == 96
     assert {t.name for t in r.tensors} >= {"output.weight", "token_embd.weight"}
 
