@@ -95,12 +95,6 @@ def fluctuation_columns(adapter: DecoderAdapter, layer, moments: dict[str, torch
     return moments["attn_var"] * (o * o).sum(0), moments["ffn_var"] * (d * d).sum(0)
 
 
-def fluctuation_scores(adapter: DecoderAdapter, layer, moments: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLAP's fluctuation metric per head (its columns summed) and per FFN channel."""
-    cols, chans = fluctuation_columns(adapter, layer, moments)
-    return per_head(cols, adapter.head_dim), chans
-
-
 def taylor_scores(adapter: DecoderAdapter, ids: torch.Tensor, batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Accumulate ``|w * dL/dw|`` over calibration batches; group per head and per channel.
 
