@@ -167,7 +167,7 @@ def layer_shapes(model) -> list[dict[str, int]]:
 
 FFN_ALIGNMENT = 32
 """FFN widths that are multiples of this keep llama.cpp's ``ffn_down`` rows whole q8_0/q4_0 blocks and
-on its tiled CPU kernels (benchmarks/deploy: an unrounded COMP 30 % prefills at 0.90x the dense model
+on its tiled CPU kernels (benchmarks/deploy: an unrounded COMP 30 % prefills at 0.95x the dense model
 at f16, rounded to 32 at 1.43x)."""
 
 
