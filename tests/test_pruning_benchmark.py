@@ -32,6 +32,15 @@ def test_official_rows_calibrate_with_their_code_s_sizes_the_others_with_the_ben
     assert pb.calibration("flap", {}, args) == (128, 512)
     assert pb.calibration("comp", {"mask_bias": True}, args) == (128, 512)
     assert pb.calibration(None, {}, args) == (128, 512)
+    # a reduced official calibration, by peer name; the other presets keep theirs
+    args.official_calibration = "sleb=8x2048"
+    assert pb.calibration("sleb", {"preset": "official"}, args) == (8, 2048)
+    assert pb.calibration("flap", {"preset": "official"}, args) == (1024, 128)
+    assert pb.calibration("sleb", {}, args) == (128, 512)
+    assert pb.parse_sizes("sleb=8x2048, flap=256x128") == {"sleb": (8, 2048), "flap": (256, 128)}
+    for bad in ("sleb", "sleb=8", "sleb=0x2048", "=8x2048"):
+        with pytest.raises(SystemExit, match="PEER=NxLEN"):
+            pb.parse_sizes(bad)
 
 
 def test_seed_is_part_of_the_result_key_and_the_first_seed_runs_everything_first(pb, tmp_path, monkeypatch):

@@ -88,10 +88,25 @@ def calibration(method: str | None, opts: dict, args) -> tuple[int, int]:
     for an ``official`` preset, which brings its code's own sizes (every row says which it used)."""
     if method is None or opts.get("preset") != "official":
         return args.nsamples, args.seq_len
+    reduced = parse_sizes(getattr(args, "official_calibration", "") or "")
+    if method in reduced:  # a reduced official calibration (SLEB's 128 x 2048 takes hours on a CPU)
+        return reduced[method]
     from fedprune.pruning import method_options
     from fedprune.pruning.methods import calibration_sizes
 
     return calibration_sizes(method_options(method, opts), None, None)
+
+
+def parse_sizes(text: str) -> dict[str, tuple[int, int]]:
+    """``"sleb=8x2048,flap=256x128"`` -> ``{"sleb": (8, 2048), "flap": (256, 128)}``; a bad entry is refused by name."""
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, size = item.partition("=")
+        n, _, length = size.partition("x")
+        if not (name and n.isdigit() and length.isdigit() and int(n) > 0 and int(length) > 0):
+            raise SystemExit(f"--official-calibration: {item!r} is not PEER=NxLEN (for example sleb=8x2048)")
+        out[name] = (int(n), int(length))
+    return out
 
 
 def run_path(name: str, ratio: float, seed: int) -> Path:
@@ -180,7 +195,8 @@ def run_one(args, name: str, ratio: float, seed: int) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--name", name, "--ratio", str(ratio),
            "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(seed),
            "--ppl-windows", str(args.ppl_windows), "--ppl-tasks", args.ppl_tasks, "--eval-limit", str(args.eval_limit),
-           "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model]
+           "--tasks", args.tasks, "--threads", str(args.threads), "--model", args.model,
+           "--official-calibration", args.official_calibration]
     if args.no_eval:
         cmd.append("--no-eval")
     if args.speed_only:
@@ -444,10 +460,14 @@ def main() -> None:
     ap.add_argument("--ppl-only", action="store_true",
                     help="prune, then WikiText-2 perplexity only (no zero-shot, no speed); for ablations")
     ap.add_argument("--results-dir", default=None, help="where runs and tables go (default: results/)")
+    ap.add_argument("--official-calibration", default="",
+                    help="reduced calibration for official presets, PEER=NxLEN list (e.g. sleb=8x2048); each row "
+                         "records the calibration it used")
     args = ap.parse_args()
     global RESULTS
     if args.results_dir:
         RESULTS = Path(args.results_dir)
+    parse_sizes(args.official_calibration)  # refused before any run
     if args.worker:
         print(json.dumps(worker(args), default=float))
         return
