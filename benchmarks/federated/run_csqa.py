@@ -77,10 +77,8 @@ def existing(path: Path, args) -> dict | None:
 def run_one(method: str, seed: int, args) -> dict:
     from fedprune import atomic
     from fedprune.federated.config import load_config
-    from fedprune.federated.runtime.simulation import CHECKPOINT
-
     from fedprune.federated.evaluation import score_global
-    from fedprune.federated.runtime.simulation import Simulation
+    from fedprune.federated.runtime.simulation import CHECKPOINT, Simulation
 
     cfg_file = config_file(method)
     over = overrides(method, seed, args)
