@@ -531,7 +531,7 @@ def markdown(record: dict, speed: dict, front: dict, check_rows: list[dict], tim
         lines += ["", "| COMP 30 % | type | passes | decode speed-up | file-size ratio | within 10 % | >= 1.3x |",
                   "|---|---|---:|---:|---:|---|---|"]
         for c in check_rows:
-            lines.append(f"| {c.get('model', 'comp-30')} | {c['outtype']} | {c.get('passes', '-')} | {c['decode_speedup']:.2f} | "
+            lines.append(f"| {c['model']} | {c['outtype']} | {c['passes']} | {c['decode_speedup']:.2f} | "
                          f"{c['file_size_ratio']:.2f} | {c['within_10pct_of_size_ratio']} | {c['at_least_1_3x']} |")
     if time_model:
         lines += ["", "Decode time per token against file bytes, per type (least squares over the models: "

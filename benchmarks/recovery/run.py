@@ -54,10 +54,6 @@ EXPORT_ROW = "comp20"
 WITHIN_POINTS = 3.0
 
 
-def cpu_s() -> float:
-    return time.process_time()
-
-
 # ---- stages -------------------------------------------------------------------------------------
 def model_dir(args, row: str) -> Path:
     return args.work / "models" / row
@@ -113,9 +109,9 @@ def run_stage(args, row: str, stage: str, fn) -> dict:
         logging.info("[%s %s] done before: skipped", row, stage)
         return rec
     logging.info("[%s %s] starting", row, stage)
-    load0, c0, t0 = os.getloadavg()[0], cpu_s(), time.perf_counter()
+    load0, c0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
     rec = {"row": row, "stage": stage, "settings": want, **fn()}
-    rec.setdefault("cpu_s", cpu_s() - c0)
+    rec.setdefault("cpu_s", time.process_time() - c0)
     rec.update(wall_s=time.perf_counter() - t0, load_avg_1m={"start": load0, "end": os.getloadavg()[0]})
     atomic.write_json(path, rec)
     logging.info("[%s %s] done: cpu %.0f s, wall %.0f s%s", row, stage, rec["cpu_s"], rec["wall_s"],
