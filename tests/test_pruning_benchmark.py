@@ -69,3 +69,21 @@ def test_seed_statistics_by_hand(pb):
     assert flap["wikitext2_ppl"]["low"] is None and "ptb_ppl" not in flap  # one seed: no interval
     md = pb.seed_table(rows)
     assert "75.00 +- 5.00 [" in md and "70.00 / 75.00 / 80.00" in md
+
+
+def test_paired_effects_by_hand(pb):
+    rec = lambda name, seed, w, z: {"name": name, "ratio": 0.2, "calibration": {"seed": seed},  # noqa: E731
+                                    "wikitext2_ppl": w, "ptb_ppl": None, "zero_shot_avg": z}
+    records = [rec("comp", 0, 90.0, 0.46), rec("comp_no_mask_tuning", 0, 100.0, 0.45),
+               rec("comp", 1, 76.0, 0.44), rec("comp_no_mask_tuning", 1, 80.0, 0.44),
+               rec("comp", 2, 50.0, 0.40)]  # seed 2 has no reference: not paired
+    rows = pb.paired_effects(records)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["variant"], row["reference"], row["seeds"]) == ("comp", "comp_no_mask_tuning", [0, 1])
+    w = row["wikitext2_ppl_reduction_pct"]  # 10 % and 5 %
+    assert w["mean"] == pytest.approx(7.5) and w["sd"] == pytest.approx(math.sqrt(12.5))
+    assert "ptb_ppl_reduction_pct" not in row  # missing values give no interval rather than a wrong one
+    assert row["zero_shot_gain_points"]["mean"] == pytest.approx(0.5)
+    md = pb.paired_table(rows)
+    assert "+7.50 [" in md and "no difference" in md  # two seeds, 10 and 5: t(1) interval spans zero

@@ -347,11 +347,16 @@ def summarise(args) -> None:
         atomic.write_text(RESULTS / "memory.md", memory_table(records, args))
         return
     by_seed = seed_statistics(records)
+    paired = paired_effects(records)
     if any(len(r["seeds"]) > 1 for r in by_seed):
-        atomic.write_text(RESULTS / "seeds.md", "Mean +- sample sd [95 % t-interval] over calibration seeds.\n\n"
-                          + seed_table(by_seed))
+        md = "Mean +- sample sd [95 % t-interval] over calibration seeds.\n\n" + seed_table(by_seed)
+        if paired:
+            md += ("\nPaired by calibration seed (variant and reference pruned from the same windows): mean "
+                   "[95 % t-interval]; 'better' when the whole interval is above zero.\n\n" + paired_table(paired))
+        atomic.write_text(RESULTS / "seeds.md", md)
     if args.ppl_only:
-        atomic.write_json(RESULTS / "ablation.json", {"settings": vars(args), "runs": records, "by_seed": by_seed})
+        atomic.write_json(RESULTS / "ablation.json", {"settings": vars(args), "runs": records, "by_seed": by_seed,
+                                                  "paired": paired})
         atomic.write_text(RESULTS / "ablation.md", ablation_table(records, args))
         return
     if args.speed_only:
@@ -364,7 +369,8 @@ def summarise(args) -> None:
           f"the seven tasks over the first {args.eval_limit} examples each (--limit); speed: prefill "
           f"{args.prompt_len} tokens, decode {args.gen_len} tokens, batch 1, {args.threads} CPU threads, "
           "ratios relative to the dense model in the same process.\n\n" + table(records))
-    atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records, "by_seed": by_seed})
+    atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records, "by_seed": by_seed,
+                                                 "paired": paired})
     atomic.write_text(RESULTS / "pruning.md", md)
     plot(records, RESULTS / "pruning.png")
 
@@ -400,6 +406,56 @@ def seed_statistics(records: list[dict]) -> list[dict]:
             row[key] = {**stats.t_interval(vals), "per_seed": {str(s): v for s, v in zip(row["seeds"], vals)}}
         out.append(row)
     return out
+
+
+# (variant, reference): the comparisons the seeds exist for - what mask tuning adds, and what its
+# local + bias form adds over the default
+PAIRED = (("comp", "comp_no_mask_tuning"), ("comp_mask_local_bias", "comp_no_mask_tuning"),
+          ("comp_mask_local_bias", "comp"))
+
+
+def paired_effects(records: list[dict], pairs=PAIRED) -> list[dict]:
+    """Per (variant, reference, ratio) with a common calibration seed: the paired 95 % t-interval of
+    the perplexity reduction in % (``100 * (ref - variant) / ref``, positive when the variant is
+    better) and of the 7-task average gain in points, over the seeds both ran with. A variant and its
+    reference share the calibration windows of a seed, so the pairing removes the seed's own effect."""
+    from fedprune.federated import stats
+
+    by = {(r["name"], r["ratio"], r.get("calibration", {}).get("seed", 0)): r for r in records}
+    out = []
+    for variant, ref in pairs:
+        for ratio in sorted({k[1] for k in by if k[0] == variant}):
+            seeds = sorted(s for (n, r, s) in by if n == variant and r == ratio and (ref, ratio, s) in by)
+            if not seeds:
+                continue
+            row = {"variant": variant, "reference": ref, "ratio": ratio, "seeds": seeds}
+            for key in ("wikitext2_ppl", "ptb_ppl"):
+                pairs_ = [(by[(variant, ratio, s)].get(key), by[(ref, ratio, s)].get(key)) for s in seeds]
+                if all(v is not None and b for v, b in pairs_):
+                    row[key + "_reduction_pct"] = stats.t_interval([100 * (b - v) / b for v, b in pairs_])
+            z = [(by[(variant, ratio, s)].get("zero_shot_avg"), by[(ref, ratio, s)].get("zero_shot_avg")) for s in seeds]
+            if all(v is not None and b is not None for v, b in z):
+                row["zero_shot_gain_points"] = stats.t_interval([100 * (v - b) for v, b in z])
+            out.append(row)
+    return out
+
+
+def paired_table(rows: list[dict]) -> str:
+    def cell(m):
+        if not m:
+            return "-"
+        if m.get("low") is None:
+            return f"{m['mean']:+.2f}"
+        verdict = "better" if m["low"] > 0 else ("worse" if m["high"] < 0 else "no difference")
+        return f"{m['mean']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}] {verdict}"
+
+    lines = ["| variant | reference | ratio | seeds | WikiText-2 ppl reduction % | PTB ppl reduction % | 7-task avg gain (points) |",
+             "|---|---|---:|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['reference']} | {r['ratio']:.2f} | {','.join(map(str, r['seeds']))} | "
+                     f"{cell(r.get('wikitext2_ppl_reduction_pct'))} | {cell(r.get('ptb_ppl_reduction_pct'))} | "
+                     f"{cell(r.get('zero_shot_gain_points'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def seeds_text(args) -> str:
