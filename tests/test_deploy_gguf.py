@@ -102,11 +102,14 @@ def _fields(path):
     return r, Fields()
 
 
-def test_per_layer_shapes_are_written_as_arrays(tok, tmp_path):
+def test_per_layer_shapes_are_written_as_arrays(tok, tmp_path, caplog):
     m = pruned_llama(tok)
-    rep = export_gguf(m, tmp_path / "m.gguf", "f16", tokenizer=tok)
+    with caplog.at_level("WARNING"):
+        rep = export_gguf(m, tmp_path / "m.gguf", "f16", tokenizer=tok)
     assert rep["architecture"] == "deci" and not rep["uniform_layers"]
     assert rep["unaligned_ffn_layers"] == [1]  # FFN 96, 40, 64: only 40 is not a multiple of 32
+    assert "1 of 3 layers have an FFN width that is not a multiple of 32" in caplog.text
+    assert "-o width_multiple=64" in caplog.text  # the rounding the deploy benchmark found fastest
     r, f = _fields(tmp_path / "m.gguf")
     assert f["general.architecture"] == "deci"
     assert f["deci.attention.head_count"] == [4, 2, 4]
