@@ -172,7 +172,7 @@ at f16, rounded to 32 at 1.43x)."""
 
 RECOMMENDED_WIDTH_MULTIPLE = 64
 """What the export warning suggests: in benchmarks/deploy, COMP 30 % rounded to 64 decodes faster than
-rounded to 32 (f16: 1.39x against 1.25x the dense model, 11 of 12 paired passes faster) with no loss in
+rounded to 32 (f16: 1.39x against 1.26x the dense model; faster in 11 of 12 passes paired with it) with no loss in
 perplexity, and is the one file that met every speed target there."""
 
 
