@@ -412,6 +412,10 @@ def seed_statistics(records: list[dict]) -> list[dict]:
 # local + bias form adds over the default
 PAIRED = (("comp", "comp_no_mask_tuning"), ("comp_mask_local_bias", "comp_no_mask_tuning"),
           ("comp_mask_local_bias", "comp"))
+# (metric, effect name, effect of variant v over reference b): positive when the variant is better
+PAIRED_EFFECTS = (("wikitext2_ppl", "wikitext2_ppl_reduction_pct", lambda v, b: 100 * (b - v) / b),
+                  ("ptb_ppl", "ptb_ppl_reduction_pct", lambda v, b: 100 * (b - v) / b),
+                  ("zero_shot_avg", "zero_shot_gain_points", lambda v, b: 100 * (v - b)))
 
 
 def paired_effects(records: list[dict], pairs=PAIRED) -> list[dict]:
@@ -429,13 +433,10 @@ def paired_effects(records: list[dict], pairs=PAIRED) -> list[dict]:
             if not seeds:
                 continue
             row = {"variant": variant, "reference": ref, "ratio": ratio, "seeds": seeds}
-            for key in ("wikitext2_ppl", "ptb_ppl"):
-                pairs_ = [(by[(variant, ratio, s)].get(key), by[(ref, ratio, s)].get(key)) for s in seeds]
-                if all(v is not None and b for v, b in pairs_):
-                    row[key + "_reduction_pct"] = stats.t_interval([100 * (b - v) / b for v, b in pairs_])
-            z = [(by[(variant, ratio, s)].get("zero_shot_avg"), by[(ref, ratio, s)].get("zero_shot_avg")) for s in seeds]
-            if all(v is not None and b is not None for v, b in z):
-                row["zero_shot_gain_points"] = stats.t_interval([100 * (v - b) for v, b in z])
+            for key, name, effect in PAIRED_EFFECTS:
+                vb = [(by[(variant, ratio, s)].get(key), by[(ref, ratio, s)].get(key)) for s in seeds]
+                if all(v is not None and b is not None for v, b in vb):  # a missing value: no interval
+                    row[name] = stats.t_interval([effect(v, b) for v, b in vb])
             out.append(row)
     return out
 
