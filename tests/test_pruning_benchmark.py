@@ -87,3 +87,28 @@ def test_paired_effects_by_hand(pb):
     assert row["zero_shot_gain_points"]["mean"] == pytest.approx(0.5)
     md = pb.paired_table(rows)
     assert "+7.50 [" in md and "no difference" in md  # two seeds, 10 and 5: t(1) interval spans zero
+
+
+def test_comp_against_every_peer_by_hand(pb):
+    rec = lambda name, seed, w, z, ratio=0.2: {"name": name, "ratio": ratio, "calibration": {"seed": seed},  # noqa: E731
+                                               "wikitext2_ppl": w, "ptb_ppl": None, "zero_shot_avg": z,
+                                               "zero_shot": {"a": {}, "b": {}}, "settings": {"eval_limit": 50},
+                                               "wall_s_total": 1800.0}
+    records = [rec("comp", 0, 70.0, 0.50), rec("comp", 1, 75.0, 0.50), rec("comp", 2, 80.0, 0.50),
+               rec("flap", 0, 120.0, 0.40),       # above COMP's interval [62.6, 87.4]: COMP better
+               rec("wanda_sp", 0, 80.0, 0.50),    # inside it: no difference
+               rec("comp_no_mask_tuning", 0, 99.0, 0.1),  # a COMP variant, not a peer: no row
+               rec("shortgpt", 0, 50.0, 0.5, ratio=0.3)]  # no COMP at 0.3: no row
+    rows = pb.versus_peers(pb.seed_statistics(records), records)
+    assert [(r["ratio"], r["peer"]) for r in rows] == [(0.2, "flap"), (0.2, "wanda_sp")]
+    flap, wanda = rows
+    assert flap["wikitext2_ppl"]["verdict"] == "reference better"
+    assert wanda["wikitext2_ppl"]["verdict"] == "no difference"
+    assert "ptb_ppl" not in flap
+    # 7-task: 2 tasks x 50 examples = 100; se = sqrt(.5 * .5 / 100 + .4 * .6 / 100) = 0.07 -> 10 points < 2 se
+    z = flap["zero_shot_avg"]
+    assert z["examples"] == 100 and z["se_points"] == pytest.approx(100 * math.sqrt(0.0025 + 0.0024))
+    assert z["diff_points"] == pytest.approx(10.0) and z["verdict"] == "no difference"
+    md = pb.versus_table(rows)
+    assert "120.00: reference better" in md and "+10.0 +- 7.0 points" in md
+    assert pb.cpu_time_text(records) == "7 runs, 3.5 h of wall time in all (sum of the runs' `wall_s_total`)."

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -368,9 +369,16 @@ def summarise(args) -> None:
           f"perplexity ({args.ppl_tasks}) at seq-len 512 over the first {args.ppl_windows} windows; zero-shot average of "
           f"the seven tasks over the first {args.eval_limit} examples each (--limit); speed: prefill "
           f"{args.prompt_len} tokens, decode {args.gen_len} tokens, batch 1, {args.threads} CPU threads, "
-          "ratios relative to the dense model in the same process.\n\n" + table(records))
+          "ratios relative to the dense model in the same process. " + cpu_time_text(records) + "\n\n"
+          + table(records))
+    versus = versus_peers(by_seed, records)
+    if versus:
+        md += ("\nCOMP against every peer at the same requested ratio (the peer's achieved ratio in brackets). "
+               "Perplexity: a verdict only when the 95 % t-intervals over seeds (one seed: the value) do not overlap. "
+               "7-task average: COMP minus peer, +- the standard error of an unpaired difference over the same "
+               "examples (conservative); a verdict only beyond 2 standard errors.\n\n" + versus_table(versus))
     atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records, "by_seed": by_seed,
-                                                 "paired": paired})
+                                                 "paired": paired, "versus_peers": versus})
     atomic.write_text(RESULTS / "pruning.md", md)
     plot(records, RESULTS / "pruning.png")
 
@@ -457,6 +465,75 @@ def paired_table(rows: list[dict]) -> str:
                      f"{cell(r.get('wikitext2_ppl_reduction_pct'))} | {cell(r.get('ptb_ppl_reduction_pct'))} | "
                      f"{cell(r.get('zero_shot_gain_points'))} |")
     return "\n".join(lines) + "\n"
+
+
+def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "comp") -> list[dict]:
+    """Per ratio: COMP (``reference``) against every peer row at the same ratio, from the seed statistics.
+
+    Perplexity: 'reference better' when the peer's 95 % interval (its value, with one seed) lies wholly
+    above the reference's, 'peer better' when wholly below, else 'no difference'. 7-task average: the
+    difference in points and the standard error of an unpaired difference of two averages over the
+    same ``n`` examples, ``se = sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)`` (conservative: both rows answer
+    the same questions); a verdict only beyond 2 se."""
+    n_examples = {}
+    for r in records:
+        limit = (r.get("settings") or {}).get("eval_limit")
+        if limit and r.get("zero_shot"):
+            n_examples[(r["name"], r["ratio"])] = limit * len(r["zero_shot"])
+    rows = {(r["name"], r["ratio"]): r for r in by_seed}
+    peers = set(PEERS) | set(OFFICIAL)
+    out = []
+    for (name, ratio), peer in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ref = rows.get((reference, ratio))
+        if name not in peers or ref is None:
+            continue
+        row = {"ratio": ratio, "reference": reference, "peer": name, "reference_seeds": ref["seeds"],
+               "peer_seeds": peer["seeds"], "peer_achieved_ratio": peer.get("achieved_ratio")}
+        for key in ("wikitext2_ppl", "ptb_ppl"):
+            a, b = ref.get(key), peer.get(key)
+            if not a or not b:
+                continue
+            lo = lambda m: m["mean"] if m.get("low") is None else m["low"]  # noqa: E731
+            hi = lambda m: m["mean"] if m.get("high") is None else m["high"]  # noqa: E731
+            verdict = ("reference better" if lo(b) > hi(a) else "peer better" if hi(b) < lo(a) else "no difference")
+            row[key] = {"reference": a["mean"], "peer": b["mean"], "verdict": verdict}
+        a, b = ref.get("zero_shot_avg"), peer.get("zero_shot_avg")
+        n = n_examples.get((reference, ratio)) or n_examples.get((name, ratio))
+        if a and b and n:
+            p1, p2 = a["mean"], b["mean"]
+            se = math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
+            diff = p1 - p2
+            verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
+            row["zero_shot_avg"] = {"reference": p1, "peer": p2, "diff_points": 100 * diff, "se_points": 100 * se,
+                                    "examples": n, "verdict": verdict}
+        out.append(row)
+    return out
+
+
+def versus_table(rows: list[dict]) -> str:
+    def ppl(m):
+        return "-" if not m else f"{m['reference']:.2f} vs {m['peer']:.2f}: {m['verdict']}"
+
+    def avg(m):
+        if not m:
+            return "-"
+        return (f"{m['reference']:.4f} vs {m['peer']:.4f} ({m['diff_points']:+.1f} +- {m['se_points']:.1f} points): "
+                f"{m['verdict']}")
+
+    lines = ["| ratio | peer (achieved) | seeds (COMP / peer) | WikiText-2 ppl | PTB ppl | 7-task avg |",
+             "|---:|---|---|---|---|---|"]
+    for r in rows:
+        ach = f" ({r['peer_achieved_ratio']:.3f})" if r.get("peer_achieved_ratio") is not None else ""
+        lines.append(f"| {r['ratio']:.2f} | {r['peer']}{ach} | {','.join(map(str, r['reference_seeds']))} / "
+                     f"{','.join(map(str, r['peer_seeds']))} | {ppl(r.get('wikitext2_ppl'))} | "
+                     f"{ppl(r.get('ptb_ppl'))} | {avg(r.get('zero_shot_avg'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_time_text(records: list[dict]) -> str:
+    """What the whole benchmark cost: its runs' wall time (each run alone on the machine's threads)."""
+    total = sum(r.get("wall_s_total") or 0 for r in records)
+    return f"{len(records)} runs, {total / 3600:.1f} h of wall time in all (sum of the runs' `wall_s_total`)."
 
 
 def seeds_text(args) -> str:
