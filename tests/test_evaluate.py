@@ -130,6 +130,18 @@ def test_acc_and_acc_norm_on_a_constructed_case():
     assert (tie.pred, tie.pred_norm) == (0, 0)  # first maximum, like numpy.argmax
 
 
+def test_correct_string_follows_the_metric():
+    from fedprune.evaluate.harness import correct_string
+
+    # pred right / pred_norm wrong, then the reverse, then both right
+    scores = [SimpleNamespace(pred=1, pred_norm=0, label=1), SimpleNamespace(pred=0, pred_norm=2, label=2),
+              SimpleNamespace(pred=3, pred_norm=3, label=3)]
+    assert correct_string(scores, "acc") == "101"
+    assert correct_string(scores, "acc_norm") == "011"
+    with pytest.raises(ValueError, match="acc or acc_norm"):
+        correct_string(scores, "ppl")
+
+
 def test_score_flat_splits_the_loglikelihoods_per_example():
     a = multiple_choice("Q:", ["ab", "abcdefgh"], label=1)
     b = multiple_choice("R:", ["x", "y", "z"], label=2)
@@ -187,6 +199,12 @@ def test_evaluate_result_shape(tmp_path, lm, tok):
     assert out["average"] == pytest.approx((out["results"]["piqa"]["acc"]
                                             + out["results"]["arc_challenge"]["acc_norm"]) / 2)
     json.dumps(out)
+    logged = evaluate(lm, tok, tasks=["piqa", "arc_challenge"], limit=3, batch_size=4, progress=False, log_samples=True)
+    assert set(logged["samples"]) == {"piqa", "arc_challenge"}  # zero-shot tasks only
+    for task, metric in (("piqa", "acc"), ("arc_challenge", "acc_norm")):
+        bits = logged["samples"][task]["correct"]
+        assert len(bits) == 3 and set(bits) <= {"0", "1"}
+        assert bits.count("1") / 3 == pytest.approx(out["results"][task][metric])  # the reported metric's verdicts
     with pytest.raises(KeyError, match="known:"):
         evaluate(lm, tok, tasks=["piqa", "no-such-task"])
 

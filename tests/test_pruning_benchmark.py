@@ -112,3 +112,26 @@ def test_comp_against_every_peer_by_hand(pb):
     md = pb.versus_table(rows)
     assert "120.00: reference better" in md and "+10.0 +- 7.0 points" in md
     assert pb.cpu_time_text(records) == "7 runs, 3.5 h of wall time in all (sum of the runs' `wall_s_total`)."
+
+
+def test_paired_by_example_by_hand(pb):
+    run = lambda a, b: {"zero_shot_correct": {"a": a, "b": b}}  # noqa: E731
+    out = pb.paired_by_example([run("1100", "11"), run("1000", "11")], [run("0100", "01")])
+    # task a: reference means 1, .5, 0, 0 minus peer 0, 1, 0, 0 -> d = 1, -.5, 0, 0: mean .125, var 1.1875 / 3
+    # task b: d = 1, 0: mean .5, var .5
+    assert out["examples"] == 6
+    assert out["diff"] == pytest.approx((0.125 + 0.5) / 2)
+    assert out["se"] == pytest.approx(math.sqrt(1.1875 / 3 / 4 + 0.5 / 2) / 2)
+    # a run without logged answers, or with other examples, gives no paired figure
+    assert pb.paired_by_example([run("1100", "11"), {}], [run("0100", "01")]) is None
+    assert pb.paired_by_example([run("1100", "11")], [run("010", "01")]) is None
+    # versus_peers takes the paired figure when both sides logged their answers
+    rec = lambda name, seed, w, bits: {"name": name, "ratio": 0.2, "calibration": {"seed": seed}, "wikitext2_ppl": w,  # noqa: E731
+                                       "zero_shot_avg": bits.count("1") / len(bits), "zero_shot": {"a": {}},
+                                       "settings": {"eval_limit": len(bits)}, "zero_shot_correct": {"a": bits}}
+    records = [rec("comp", 0, 60.0, "1111111100"), rec("flap", 0, 90.0, "0111111100")]
+    z = pb.versus_peers(pb.seed_statistics(records), records)[0]["zero_shot_avg"]
+    assert z["paired"] and z["diff_points"] == pytest.approx(10.0)
+    # d = one 1 and nine 0s: mean .1, sum of squared deviations .81 + 9 x .01 = .9
+    assert z["se_points"] == pytest.approx(100 * math.sqrt(0.9 / 9 / 10))
+    assert "paired): no difference" in pb.versus_table(pb.versus_peers(pb.seed_statistics(records), records))

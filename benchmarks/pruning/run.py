@@ -177,8 +177,9 @@ def worker(args) -> dict:
                              "threads": args.threads})
         return rec
     zs = evaluate(model, tok, tasks=args.tasks, seq_len=512, limit=args.eval_limit, batch_size=args.batch_size,
-                  progress=False)
+                  progress=False, log_samples=True)
     rec.update(zero_shot=zs["results"], zero_shot_avg=zs["average"], **measure_speed(),
+               zero_shot_correct={t: s["correct"] for t, s in zs["samples"].items()},  # for paired comparisons
                settings={"ppl_windows": args.ppl_windows, "ppl_seq_len": 512, "ppl_tasks": ppl_tasks,
                          "eval_limit": args.eval_limit,
                          "tasks": args.tasks, "threads": args.threads})
@@ -375,8 +376,9 @@ def summarise(args) -> None:
     if versus:
         md += ("\nCOMP against every peer at the same requested ratio (the peer's achieved ratio in brackets). "
                "Perplexity: a verdict only when the 95 % t-intervals over seeds (one seed: the value) do not overlap. "
-               "7-task average: COMP minus peer, +- the standard error of an unpaired difference over the same "
-               "examples (conservative); a verdict only beyond 2 standard errors.\n\n" + versus_table(versus))
+               "7-task average: COMP minus peer, +- the standard error of the difference, paired over the examples "
+               "where both runs logged their per-example answers (example noise only), else unpaired (conservative); "
+               "a verdict only beyond 2 standard errors.\n\n" + versus_table(versus))
     atomic.write_json(RESULTS / "pruning.json", {"settings": vars(args), "runs": records, "by_seed": by_seed,
                                                  "paired": paired, "versus_peers": versus})
     atomic.write_text(RESULTS / "pruning.md", md)
@@ -472,7 +474,8 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
 
     Perplexity: 'reference better' when the peer's 95 % interval (its value, with one seed) lies wholly
     above the reference's, 'peer better' when wholly below, else 'no difference'. 7-task average: the
-    difference in points and the standard error of an unpaired difference of two averages over the
+    difference in points and its standard error, paired over the examples where both sides logged
+    them (:func:`paired_by_example`), else that of an unpaired difference of two averages over the
     same ``n`` examples, ``se = sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)`` (conservative: both rows answer
     the same questions); a verdict only beyond 2 se."""
     n_examples = {}
@@ -499,15 +502,54 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
             row[key] = {"reference": a["mean"], "peer": b["mean"], "verdict": verdict}
         a, b = ref.get("zero_shot_avg"), peer.get("zero_shot_avg")
         n = n_examples.get((reference, ratio)) or n_examples.get((name, ratio))
-        if a and b and n:
+        paired = paired_by_example([r for r in records if (r["name"], r["ratio"]) == (reference, ratio)],
+                                   [r for r in records if (r["name"], r["ratio"]) == (name, ratio)])
+        if paired:
+            diff, se = paired["diff"], paired["se"]
+            verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
+            row["zero_shot_avg"] = {"reference": a["mean"], "peer": b["mean"], "diff_points": 100 * diff,
+                                    "se_points": 100 * se, "examples": paired["examples"], "paired": True,
+                                    "verdict": verdict}
+        elif a and b and n:
             p1, p2 = a["mean"], b["mean"]
             se = math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
             diff = p1 - p2
             verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
             row["zero_shot_avg"] = {"reference": p1, "peer": p2, "diff_points": 100 * diff, "se_points": 100 * se,
-                                    "examples": n, "verdict": verdict}
+                                    "examples": n, "paired": False, "verdict": verdict}
         out.append(row)
     return out
+
+
+def paired_by_example(reference: list[dict], peer: list[dict]) -> dict | None:
+    """The 7-task average of ``reference`` minus ``peer`` and its standard error, paired over examples.
+
+    Each run may carry ``zero_shot_correct`` (task -> ``"0110..."``, one character per example). Per
+    example, a side's score is its mean correctness over its runs (its calibration seeds); with
+    ``d_ti`` the reference's minus the peer's on example ``i`` of task ``t`` (``n_t`` examples, ``T``
+    tasks), ``diff = (1/T) sum_t mean_i d_ti`` (the difference of the macro averages) and
+    ``se = (1/T) sqrt(sum_t var_i(d_ti) / n_t)``: the example-sampling noise of a paired difference,
+    not the seeds' (a peer with one seed has no seed interval). None unless every run of both sides
+    logged the same tasks with the same number of examples."""
+    runs = reference + peer
+    if not reference or not peer or not all(r.get("zero_shot_correct") for r in runs):
+        return None
+    tasks = sorted(reference[0]["zero_shot_correct"])
+    lengths = {t: len(reference[0]["zero_shot_correct"][t]) for t in tasks}
+    if any(sorted(r["zero_shot_correct"]) != tasks or any(len(r["zero_shot_correct"][t]) != lengths[t] for t in tasks)
+           for r in runs) or min(lengths.values(), default=0) < 2:
+        return None
+
+    def mean_bits(rs, t):
+        return [sum(r["zero_shot_correct"][t][i] == "1" for r in rs) / len(rs) for i in range(lengths[t])]
+
+    diff = var = 0.0
+    for t in tasks:
+        d = [x - y for x, y in zip(mean_bits(reference, t), mean_bits(peer, t))]
+        mean = sum(d) / len(d)
+        diff += mean
+        var += sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)
+    return {"diff": diff / len(tasks), "se": math.sqrt(var) / len(tasks), "examples": sum(lengths.values())}
 
 
 def versus_table(rows: list[dict]) -> str:
@@ -517,8 +559,9 @@ def versus_table(rows: list[dict]) -> str:
     def avg(m):
         if not m:
             return "-"
-        return (f"{m['reference']:.4f} vs {m['peer']:.4f} ({m['diff_points']:+.1f} +- {m['se_points']:.1f} points): "
-                f"{m['verdict']}")
+        how = "paired" if m.get("paired") else "unpaired"
+        return (f"{m['reference']:.4f} vs {m['peer']:.4f} ({m['diff_points']:+.1f} +- {m['se_points']:.1f} points, "
+                f"{how}): {m['verdict']}")
 
     lines = ["| ratio | peer (achieved) | seeds (COMP / peer) | WikiText-2 ppl | PTB ppl | 7-task avg |",
              "|---:|---|---|---|---|---|"]

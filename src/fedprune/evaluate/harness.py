@@ -11,7 +11,10 @@ Result::
 ``average`` is the mean of the reported metric (evaluation.md: acc for boolq, piqa,
 winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) over those of the
 seven tasks that were run; ``None`` when none was. ``counts`` are windows for perplexity
-tasks and examples for zero-shot tasks.
+tasks and examples for zero-shot tasks. With ``log_samples=True`` the result also holds
+``"samples": {"piqa": {"correct": "0110..."}}``: one character per example, in dataset order,
+``1`` where the task's reported metric counted it correct (for paired comparisons of two models
+on the same examples).
 """
 from __future__ import annotations
 
@@ -72,6 +75,13 @@ def reported_metric(task: str) -> str:
     return "ppl" if is_text_dataset(task) else get_dataset(task).reported
 
 
+def correct_string(scores, metric: str) -> str:
+    """``"0110..."``: per example, ``1`` where ``metric`` (``acc`` or ``acc_norm``) counts it correct."""
+    if metric not in ("acc", "acc_norm"):
+        raise ValueError(f"metric must be acc or acc_norm, not {metric!r}")
+    return "".join("1" if (s.pred_norm if metric == "acc_norm" else s.pred) == s.label else "0" for s in scores)
+
+
 def zero_shot_average(results: dict[str, dict[str, float]]) -> float | None:
     """Mean reported metric over the seven headline tasks present in ``results``."""
     from ..data import SEVEN_TASKS, get_dataset
@@ -88,7 +98,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
              limit: int | None = None, batch_size: int = 8, data_dir: str | os.PathLike | None = None,
              ppl_batch_size: int = 1, add_bos_token: bool | None = None, name: str | None = None,
              progress: bool = True, on_result: Callable[[dict], None] | None = None,
-             scoring: str = "shared-prefix") -> dict:
+             scoring: str = "shared-prefix", log_samples: bool = False) -> dict:
     """Evaluate ``model`` on ``tasks``; returns the dict described in the module docstring.
 
     limit: first N windows of a perplexity task, first N examples of a zero-shot task.
@@ -96,6 +106,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
     ppl_batch_size: windows per forward pass for perplexity. on_result: called with the
     partial result after each task (for incremental writing). scoring: how zero-shot requests
     are run, ``shared-prefix`` (default) or ``full`` (:func:`~fedprune.evaluate.loglik.loglikelihoods`).
+    log_samples: also return each zero-shot example's correctness (module docstring).
     """
     from .loglik import scoring_path
 
@@ -125,6 +136,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = DEFAULT_TASKS, seq_l
         else:
             d = zero_shot_details(model, tokenizer, task, limit, batch_size, data_dir, add_bos_token, progress, path)
             out["results"][task], count = {"acc": d["acc"], "acc_norm": d["acc_norm"]}, d["examples"]
+            if log_samples:
+                out.setdefault("samples", {})[task] = {"correct": correct_string(d["scores"], reported_metric(task))}
         out["settings"]["counts"][task] = count
         out["settings"]["seconds"][task] = round(time.perf_counter() - start, 2)
         out["average"] = zero_shot_average(out["results"])
