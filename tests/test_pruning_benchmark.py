@@ -119,11 +119,12 @@ def test_paired_by_example_by_hand(pb):
     out = pb.paired_by_example([run("1100", "11"), run("1000", "11")], [run("0100", "01")])
     # task a: reference means 1, .5, 0, 0 minus peer 0, 1, 0, 0 -> d = 1, -.5, 0, 0: mean .125, var 1.1875 / 3
     # task b: d = 1, 0: mean .5, var .5
-    assert out["examples"] == 6
+    assert out["examples"] == 6 and out["runs"] == [2, 1]
     assert out["diff"] == pytest.approx((0.125 + 0.5) / 2)
     assert out["se"] == pytest.approx(math.sqrt(1.1875 / 3 / 4 + 0.5 / 2) / 2)
-    # a run without logged answers, or with other examples, gives no paired figure
-    assert pb.paired_by_example([run("1100", "11"), {}], [run("0100", "01")]) is None
+    # only the runs that logged their answers count; a side without one, or other examples: no paired figure
+    assert pb.paired_by_example([run("1100", "11"), {}], [run("0100", "01")])["runs"] == [1, 1]
+    assert pb.paired_by_example([{}], [run("0100", "01")]) is None
     assert pb.paired_by_example([run("1100", "11")], [run("010", "01")]) is None
     # versus_peers takes the paired figure when both sides logged their answers
     rec = lambda name, seed, w, bits: {"name": name, "ratio": 0.2, "calibration": {"seed": seed}, "wikitext2_ppl": w,  # noqa: E731
@@ -134,4 +135,4 @@ def test_paired_by_example_by_hand(pb):
     assert z["paired"] and z["diff_points"] == pytest.approx(10.0)
     # d = one 1 and nine 0s: mean .1, sum of squared deviations .81 + 9 x .01 = .9
     assert z["se_points"] == pytest.approx(100 * math.sqrt(0.9 / 9 / 10))
-    assert "paired): no difference" in pb.versus_table(pb.versus_peers(pb.seed_statistics(records), records))
+    assert "paired, runs 1/1): no difference" in pb.versus_table(pb.versus_peers(pb.seed_statistics(records), records))

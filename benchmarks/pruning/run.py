@@ -509,6 +509,7 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
             verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
             row["zero_shot_avg"] = {"reference": a["mean"], "peer": b["mean"], "diff_points": 100 * diff,
                                     "se_points": 100 * se, "examples": paired["examples"], "paired": True,
+                                    "paired_runs": paired["runs"],
                                     "verdict": verdict}
         elif a and b and n:
             p1, p2 = a["mean"], b["mean"]
@@ -529,10 +530,13 @@ def paired_by_example(reference: list[dict], peer: list[dict]) -> dict | None:
     ``d_ti`` the reference's minus the peer's on example ``i`` of task ``t`` (``n_t`` examples, ``T``
     tasks), ``diff = (1/T) sum_t mean_i d_ti`` (the difference of the macro averages) and
     ``se = (1/T) sqrt(sum_t var_i(d_ti) / n_t)``: the example-sampling noise of a paired difference,
-    not the seeds' (a peer with one seed has no seed interval). None unless every run of both sides
-    logged the same tasks with the same number of examples."""
+    not the seeds' (a peer with one seed has no seed interval). Only runs that logged their answers
+    count (``runs`` says how many per side); None unless both sides have one and all of them logged the
+    same tasks with the same number of examples."""
+    reference = [r for r in reference if r.get("zero_shot_correct")]
+    peer = [r for r in peer if r.get("zero_shot_correct")]
     runs = reference + peer
-    if not reference or not peer or not all(r.get("zero_shot_correct") for r in runs):
+    if not reference or not peer:
         return None
     tasks = sorted(reference[0]["zero_shot_correct"])
     lengths = {t: len(reference[0]["zero_shot_correct"][t]) for t in tasks}
@@ -549,7 +553,8 @@ def paired_by_example(reference: list[dict], peer: list[dict]) -> dict | None:
         mean = sum(d) / len(d)
         diff += mean
         var += sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)
-    return {"diff": diff / len(tasks), "se": math.sqrt(var) / len(tasks), "examples": sum(lengths.values())}
+    return {"diff": diff / len(tasks), "se": math.sqrt(var) / len(tasks), "examples": sum(lengths.values()),
+            "runs": [len(reference), len(peer)]}
 
 
 def versus_table(rows: list[dict]) -> str:
@@ -559,7 +564,7 @@ def versus_table(rows: list[dict]) -> str:
     def avg(m):
         if not m:
             return "-"
-        how = "paired" if m.get("paired") else "unpaired"
+        how = f"paired, runs {m['paired_runs'][0]}/{m['paired_runs'][1]}" if m.get("paired") else "unpaired"
         return (f"{m['reference']:.4f} vs {m['peer']:.4f} ({m['diff_points']:+.1f} +- {m['se_points']:.1f} points, "
                 f"{how}): {m['verdict']}")
 
