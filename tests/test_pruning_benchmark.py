@@ -136,3 +136,16 @@ def test_paired_by_example_by_hand(pb):
     # d = one 1 and nine 0s: mean .1, sum of squared deviations .81 + 9 x .01 = .9
     assert z["se_points"] == pytest.approx(100 * math.sqrt(0.9 / 9 / 10))
     assert "paired, runs 1/1): no difference" in pb.versus_table(pb.versus_peers(pb.seed_statistics(records), records))
+
+
+def test_a_peer_that_removes_less_meets_comp_at_its_achieved_ratio(pb):
+    rec = lambda name, ratio, w, achieved: {"name": name, "ratio": ratio, "calibration": {"seed": 0},  # noqa: E731
+                                            "achieved_ratio": achieved, "wikitext2_ppl": w}
+    records = [rec("comp", 0.2, 60.0, 0.2), rec("comp", 0.1183, 50.0, 0.11830),
+               rec("wanda_sp_official", 0.2, 55.0, 0.11834),  # asked 20 %, removes 11.8 %: COMP at 0.1183
+               rec("flap_official", 0.2, 70.0, 0.1999)]        # within the tolerance of 0.2: COMP at 0.2
+    rows = {r["peer"]: r for r in pb.versus_peers(pb.seed_statistics(records), records)}
+    assert rows["wanda_sp_official"]["reference_ratio"] == 0.1183
+    assert rows["wanda_sp_official"]["wikitext2_ppl"] == {"reference": 50.0, "peer": 55.0, "verdict": "reference better"}
+    assert rows["flap_official"]["reference_ratio"] == 0.2
+    assert "| 0.20 | wanda_sp_official (0.118) | 0.1183 |" in pb.versus_table(list(rows.values()))

@@ -374,7 +374,8 @@ def summarise(args) -> None:
           + table(records))
     versus = versus_peers(by_seed, records)
     if versus:
-        md += ("\nCOMP against every peer at the same requested ratio (the peer's achieved ratio in brackets). "
+        md += ("\nCOMP against every peer at the same requested ratio (the peer's achieved ratio in brackets; a "
+               "peer that removes less meets COMP run at its achieved ratio where that row exists, 'COMP at'). "
                "Perplexity: a verdict only when the 95 % t-intervals over seeds (one seed: the value) do not overlap. "
                "7-task average: COMP minus peer, +- the standard error of the difference, paired over the examples "
                "where both runs logged their per-example answers (example noise only), else unpaired (conservative); "
@@ -470,7 +471,10 @@ def paired_table(rows: list[dict]) -> str:
 
 
 def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "comp") -> list[dict]:
-    """Per ratio: COMP (``reference``) against every peer row at the same ratio, from the seed statistics.
+    """Per ratio: COMP (``reference``) against every peer row, from the seed statistics. A peer whose
+    structure rules remove less than it was asked (an official preset) meets COMP run at its achieved
+    ratio when there is such a row (``reference_ratio``; within 0.0005), else COMP at the same requested
+    ratio.
 
     Perplexity: 'reference better' when the peer's 95 % interval (its value, with one seed) lies wholly
     above the reference's, 'peer better' when wholly below, else 'no difference'. 7-task average: the
@@ -487,11 +491,14 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
     peers = set(PEERS) | set(OFFICIAL)
     out = []
     for (name, ratio), peer in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ref = rows.get((reference, ratio))
+        achieved = peer.get("achieved_ratio")
+        matched = [r for (n, r) in rows if n == reference and achieved is not None and abs(r - achieved) <= 5e-4]
+        ref_ratio = matched[0] if matched else ratio
+        ref = rows.get((reference, ref_ratio))
         if name not in peers or ref is None:
             continue
-        row = {"ratio": ratio, "reference": reference, "peer": name, "reference_seeds": ref["seeds"],
-               "peer_seeds": peer["seeds"], "peer_achieved_ratio": peer.get("achieved_ratio")}
+        row = {"ratio": ratio, "reference": reference, "reference_ratio": ref_ratio, "peer": name,
+               "reference_seeds": ref["seeds"], "peer_seeds": peer["seeds"], "peer_achieved_ratio": achieved}
         for key in ("wikitext2_ppl", "ptb_ppl"):
             a, b = ref.get(key), peer.get(key)
             if not a or not b:
@@ -501,8 +508,8 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
             verdict = ("reference better" if lo(b) > hi(a) else "peer better" if hi(b) < lo(a) else "no difference")
             row[key] = {"reference": a["mean"], "peer": b["mean"], "verdict": verdict}
         a, b = ref.get("zero_shot_avg"), peer.get("zero_shot_avg")
-        n = n_examples.get((reference, ratio)) or n_examples.get((name, ratio))
-        paired = paired_by_example([r for r in records if (r["name"], r["ratio"]) == (reference, ratio)],
+        n = n_examples.get((reference, ref_ratio)) or n_examples.get((name, ratio))
+        paired = paired_by_example([r for r in records if (r["name"], r["ratio"]) == (reference, ref_ratio)],
                                    [r for r in records if (r["name"], r["ratio"]) == (name, ratio)])
         if paired:
             diff, se = paired["diff"], paired["se"]
@@ -568,11 +575,12 @@ def versus_table(rows: list[dict]) -> str:
         return (f"{m['reference']:.4f} vs {m['peer']:.4f} ({m['diff_points']:+.1f} +- {m['se_points']:.1f} points, "
                 f"{how}): {m['verdict']}")
 
-    lines = ["| ratio | peer (achieved) | seeds (COMP / peer) | WikiText-2 ppl | PTB ppl | 7-task avg |",
-             "|---:|---|---|---|---|---|"]
+    lines = ["| ratio | peer (achieved) | COMP at | seeds (COMP / peer) | WikiText-2 ppl | PTB ppl | 7-task avg |",
+             "|---:|---|---:|---|---|---|---|"]
     for r in rows:
         ach = f" ({r['peer_achieved_ratio']:.3f})" if r.get("peer_achieved_ratio") is not None else ""
-        lines.append(f"| {r['ratio']:.2f} | {r['peer']}{ach} | {','.join(map(str, r['reference_seeds']))} / "
+        lines.append(f"| {r['ratio']:.2f} | {r['peer']}{ach} | {r['reference_ratio']:.4g} | "
+                     f"{','.join(map(str, r['reference_seeds']))} / "
                      f"{','.join(map(str, r['peer_seeds']))} | {ppl(r.get('wikitext2_ppl'))} | "
                      f"{ppl(r.get('ptb_ppl'))} | {avg(r.get('zero_shot_avg'))} |")
     return "\n".join(lines) + "\n"
