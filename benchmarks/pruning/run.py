@@ -511,20 +511,16 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
         n = n_examples.get((reference, ref_ratio)) or n_examples.get((name, ratio))
         paired = paired_by_example([r for r in records if (r["name"], r["ratio"]) == (reference, ref_ratio)],
                                    [r for r in records if (r["name"], r["ratio"]) == (name, ratio)])
-        if paired:
-            diff, se = paired["diff"], paired["se"]
-            verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
-            row["zero_shot_avg"] = {"reference": a["mean"], "peer": b["mean"], "diff_points": 100 * diff,
-                                    "se_points": 100 * se, "examples": paired["examples"], "paired": True,
-                                    "paired_runs": paired["runs"],
-                                    "verdict": verdict}
-        elif a and b and n:
+        if a and b and (paired or n):
             p1, p2 = a["mean"], b["mean"]
-            se = math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
-            diff = p1 - p2
-            verdict = "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"
-            row["zero_shot_avg"] = {"reference": p1, "peer": p2, "diff_points": 100 * diff, "se_points": 100 * se,
-                                    "examples": n, "paired": False, "verdict": verdict}
+            if paired:
+                diff, se, n = paired["diff"], paired["se"], paired["examples"]
+            else:
+                diff, se = p1 - p2, math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
+            row["zero_shot_avg"] = {
+                "reference": p1, "peer": p2, "diff_points": 100 * diff, "se_points": 100 * se, "examples": n,
+                "paired": bool(paired), **({"paired_runs": paired["runs"]} if paired else {}),
+                "verdict": "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"}
         out.append(row)
     return out
 
@@ -587,7 +583,7 @@ def versus_table(rows: list[dict]) -> str:
 
 
 def cpu_time_text(records: list[dict]) -> str:
-    """What the whole benchmark cost: its runs' wall time (each run alone on the machine's threads)."""
+    """What the whole benchmark cost: the sum of its runs' wall times (runs side by side overlap in real time)."""
     total = sum(r.get("wall_s_total") or 0 for r in records)
     return f"{len(records)} runs, {total / 3600:.1f} h of wall time in all (sum of the runs' `wall_s_total`)."
 
