@@ -137,12 +137,13 @@ def final_logits_nll(adapter: DecoderAdapter, hidden: torch.Tensor, input_ids: t
     extra = getattr(adapter.model.model.decoder, "project_out", None) if hasattr(adapter.model.model, "decoder") else None
     total, count = 0.0, 0
     for i in range(0, hidden.shape[0], batch_size):
-        h = norm(hidden[i:i + batch_size]) if norm is not None else hidden[i:i + batch_size]
+        h = hidden[i:i + batch_size, :-1]  # the last position predicts nothing: no logits for it
+        h = norm(h) if norm is not None else h
         if extra is not None:
             h = extra(h)
         logits = head(h).float()
         ids = input_ids[i:i + batch_size].to(logits.device)
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum")
         total += loss.item()
         count += ids[:, 1:].numel()
