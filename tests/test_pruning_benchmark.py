@@ -149,3 +149,22 @@ def test_a_peer_that_removes_less_meets_comp_at_its_achieved_ratio(pb):
     assert rows["wanda_sp_official"]["wikitext2_ppl"] == {"reference": 50.0, "peer": 55.0, "verdict": "reference better"}
     assert rows["flap_official"]["reference_ratio"] == 0.2
     assert "| 0.20 | wanda_sp_official (0.118) | 0.1183 |" in pb.versus_table(list(rows.values()))
+
+
+def test_a_peer_that_removes_less_meets_the_smallest_comp_removing_at_least_as_much(pb):
+    comp = [0.095, 0.1183, 0.2, 0.3]
+    assert pb.reference_ratio_for(0.3, 0.1773, comp) == 0.2       # no COMP at 17.73 %: the next larger
+    assert pb.reference_ratio_for(0.2, 0.09496, comp) == 0.095     # within the tolerance below
+    assert pb.reference_ratio_for(0.2, 0.09496, comp[1:]) == 0.1183
+    assert pb.reference_ratio_for(0.2, 0.1999, comp) == 0.2        # removed what it was asked
+    assert pb.reference_ratio_for(0.2, 0.2105, comp) == 0.2        # removed more (ShortGPT): the same ratio
+    assert pb.reference_ratio_for(0.3, 0.1773, [0.1, 0.3]) == 0.3
+    assert pb.reference_ratio_for(0.3, 0.1773, [0.1]) == 0.3       # nothing fits: the asked ratio
+    assert pb.reference_ratio_for(0.3, None, comp) == 0.3
+    rec = lambda name, ratio, w, achieved: {"name": name, "ratio": ratio, "calibration": {"seed": 0},  # noqa: E731
+                                            "achieved_ratio": achieved, "wikitext2_ppl": w}
+    records = [rec("comp", 0.2, 60.0, 0.2), rec("comp", 0.3, 90.0, 0.3),
+               rec("llm_pruner_official", 0.3, 65.0, 0.1421)]  # asked 30 %, removes 14.21 %: COMP at 20 %
+    row = pb.versus_peers(pb.seed_statistics(records), records)[0]
+    assert row["reference_ratio"] == 0.2
+    assert row["wikitext2_ppl"] == {"reference": 60.0, "peer": 65.0, "verdict": "reference better"}

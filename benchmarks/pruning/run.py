@@ -375,7 +375,7 @@ def summarise(args) -> None:
     versus = versus_peers(by_seed, records)
     if versus:
         md += ("\nCOMP against every peer at the same requested ratio (the peer's achieved ratio in brackets; a "
-               "peer that removes less meets COMP run at its achieved ratio where that row exists, 'COMP at'). "
+               "peer that removes less meets the COMP row removing least while removing at least as much, 'COMP at'). "
                "Perplexity: a verdict only when the 95 % t-intervals over seeds (one seed: the value) do not overlap. "
                "7-task average: COMP minus peer, +- the standard error of the difference, paired over the examples "
                "where both runs logged their per-example answers (example noise only), else unpaired (conservative); "
@@ -472,9 +472,9 @@ def paired_table(rows: list[dict]) -> str:
 
 def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "comp") -> list[dict]:
     """Per ratio: COMP (``reference``) against every peer row, from the seed statistics. A peer whose
-    structure rules remove less than it was asked (an official preset) meets COMP run at its achieved
-    ratio when there is such a row (``reference_ratio``; within 0.0005), else COMP at the same requested
-    ratio.
+    structure rules remove less than it was asked (an official preset) meets the COMP row that removes
+    least while removing at least as much as the peer achieved (:func:`reference_ratio_for`), so a
+    verdict for COMP never rests on COMP keeping more parameters.
 
     Perplexity: 'reference better' when the peer's 95 % interval (its value, with one seed) lies wholly
     above the reference's, 'peer better' when wholly below, else 'no difference'. 7-task average: the
@@ -492,8 +492,7 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
     out = []
     for (name, ratio), peer in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         achieved = peer.get("achieved_ratio")
-        matched = [r for (n, r) in rows if n == reference and achieved is not None and abs(r - achieved) <= 5e-4]
-        ref_ratio = matched[0] if matched else ratio
+        ref_ratio = reference_ratio_for(ratio, achieved, [r for (n, r) in rows if n == reference])
         ref = rows.get((reference, ref_ratio))
         if name not in peers or ref is None:
             continue
@@ -523,6 +522,18 @@ def versus_peers(by_seed: list[dict], records: list[dict], reference: str = "com
                 "verdict": "reference better" if diff > 2 * se else "peer better" if diff < -2 * se else "no difference"}
         out.append(row)
     return out
+
+
+def reference_ratio_for(ratio: float, achieved: float | None, reference_ratios: list[float],
+                        tol: float = 5e-4) -> float:
+    """The reference (COMP) row a peer asked for ``ratio`` meets: when the peer removed less
+    (``achieved`` below ``ratio`` by more than ``tol``), the smallest reference ratio that is at least
+    ``achieved - tol`` and at most ``ratio`` (its achieved ratio itself where COMP ran there); otherwise,
+    or when no such row exists, ``ratio``."""
+    if achieved is None or achieved >= ratio - tol:
+        return ratio
+    fits = [r for r in reference_ratios if achieved - tol <= r <= ratio + tol]
+    return min(fits) if fits else ratio
 
 
 def paired_by_example(reference: list[dict], peer: list[dict]) -> dict | None:
