@@ -112,6 +112,17 @@ def test_comp_against_every_peer_by_hand(pb):
     md = pb.versus_table(rows)
     assert "120.00: reference better" in md and "+10.0 +- 7.0 points" in md
     assert pb.cpu_time_text(records) == "7 runs, 3.5 h of wall time in all (sum of the runs' `wall_s_total`)."
+    records[0]["cpu_s_total"], records[1]["cpu_s_total"] = 1800.0, 5400.0
+    assert pb.cpu_time_text(records).endswith("; the 2 runs that measured it used 2.0 h of CPU time over 1.0 h of "
+                                              "wall time (`cpu_s_total`).")
+
+
+def test_a_worker_reports_the_cpu_time_it_used(pb):
+    t0 = pb.process_cpu_seconds()
+    x = 0
+    for i in range(3_000_000):
+        x += i
+    assert pb.process_cpu_seconds() > t0
 
 
 def test_paired_by_example_by_hand(pb):
