@@ -65,3 +65,22 @@ def test_sleb_removal_matches_the_full_forward_search(keep):
     ids = calib(6, 20, seed=1)
     assert sleb_removal(ad, ids, 3, 4, *keep) == reference_sleb(ad, ids, 3, 4, *keep)
     assert ad.num_layers == 6  # the search itself removes nothing
+
+
+def test_final_nll_is_the_same_in_token_chunks():
+    """Logits a few positions at a time (chunks that cut windows and leave a short last chunk) give the
+    model's own loss."""
+    from fedprune.pruning.layerwise import final_logits_nll, run_layer
+
+    ad = get_adapter(tiny_model("llama", num_hidden_layers=2).eval())
+    ids = calib(5, 12)
+    x0, kw = capture_layer0_stream(ad, ids, 2, "memory")
+    with x0:
+        hidden = x0.to_tensor()
+    for layer in ad.layers:
+        hidden = run_layer(layer, hidden, kw, 2)
+    whole = calibration_nll(ad, ids, 2)
+    for chunk in (7, 11, 2048):
+        assert final_logits_nll(ad, hidden, ids, 2, chunk) == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(ValueError, match="chunk_tokens must be positive"):
+        final_logits_nll(ad, hidden, ids, 2, 0)

@@ -131,8 +131,13 @@ def hooks(modules: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
 
 @torch.no_grad()
 def final_logits_nll(adapter: DecoderAdapter, hidden: torch.Tensor, input_ids: torch.Tensor,
-                     batch_size: int = 8) -> float:
-    """Mean next-token NLL from the last decoder layer's output ``hidden`` ``[N, L, d]``."""
+                     batch_size: int = 8, chunk_tokens: int = 2048) -> float:
+    """Mean next-token NLL from the last decoder layer's output ``hidden`` ``[N, L, d]``.
+
+    The logits (vocabulary-wide, float) exist for at most ``chunk_tokens`` positions at a time, so
+    the peak memory does not grow with the calibration windows' length."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     norm, head = adapter.final_norm(), adapter.lm_head()
     extra = getattr(adapter.model.model.decoder, "project_out", None) if hasattr(adapter.model.model, "decoder") else None
     total, count = 0.0, 0
@@ -141,10 +146,10 @@ def final_logits_nll(adapter: DecoderAdapter, hidden: torch.Tensor, input_ids: t
         h = norm(h) if norm is not None else h
         if extra is not None:
             h = extra(h)
-        logits = head(h).float()
-        ids = input_ids[i:i + batch_size].to(logits.device)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum")
-        total += loss.item()
-        count += ids[:, 1:].numel()
+        h = h.reshape(-1, h.shape[-1])
+        targets = input_ids[i:i + batch_size, 1:].reshape(-1).to(h.device)
+        for t in range(0, h.shape[0], chunk_tokens):
+            logits = head(h[t:t + chunk_tokens]).float()
+            total += nn.functional.cross_entropy(logits, targets[t:t + chunk_tokens], reduction="sum").item()
+        count += targets.numel()
     return total / count
