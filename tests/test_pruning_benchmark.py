@@ -179,3 +179,7 @@ def test_a_peer_that_removes_less_meets_the_smallest_comp_removing_at_least_as_m
     row = pb.versus_peers(pb.seed_statistics(records), records)[0]
     assert row["reference_ratio"] == 0.2
     assert row["wikitext2_ppl"] == {"reference": 60.0, "peer": 65.0, "verdict": "reference better"}
+
+
+def test_requested_ratios_keep_their_digits_in_tables(pb):
+    assert [pb.ratio_text(r) for r in (0.2, 0.3, 0.095, 0.1183, 0.0)] == ["0.20", "0.30", "0.095", "0.1183", "0.00"]

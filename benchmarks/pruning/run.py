@@ -230,7 +230,7 @@ def table(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["ratio"], r["name"], r.get("calibration", {}).get("seed", 0))):
         mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
         ptb = f"{r['ptb_ppl']:.2f}" if r.get("ptb_ppl") is not None else "-"
-        rows.append(f"| {r['name']} | {r['ratio']:.2f} | {r.get('calibration', {}).get('seed', 0)} | "
+        rows.append(f"| {r['name']} | {ratio_text(r['ratio'])} | {r.get('calibration', {}).get('seed', 0)} | "
                     f"{r.get('achieved_ratio', 0):.4f} | {r['wikitext2_ppl']:.2f} | {ptb} | "
                     f"{r['zero_shot_avg']:.4f} | {r.get('prune_wall_s', 0):.0f} | {mib(r.get('prune_peak_rss'))} | "
                     f"{mib(r.get('prune_overhead_bytes'))} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
@@ -464,7 +464,7 @@ def paired_table(rows: list[dict]) -> str:
     lines = ["| variant | reference | ratio | seeds | WikiText-2 ppl reduction % | PTB ppl reduction % | 7-task avg gain (points) |",
              "|---|---|---:|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['reference']} | {r['ratio']:.2f} | {','.join(map(str, r['seeds']))} | "
+        lines.append(f"| {r['variant']} | {r['reference']} | {ratio_text(r['ratio'])} | {','.join(map(str, r['seeds']))} | "
                      f"{cell(r.get('wikitext2_ppl_reduction_pct'))} | {cell(r.get('ptb_ppl_reduction_pct'))} | "
                      f"{cell(r.get('zero_shot_gain_points'))} |")
     return "\n".join(lines) + "\n"
@@ -586,11 +586,16 @@ def versus_table(rows: list[dict]) -> str:
              "|---:|---|---:|---|---|---|---|"]
     for r in rows:
         ach = f" ({r['peer_achieved_ratio']:.3f})" if r.get("peer_achieved_ratio") is not None else ""
-        lines.append(f"| {r['ratio']:.2f} | {r['peer']}{ach} | {r['reference_ratio']:.4g} | "
+        lines.append(f"| {ratio_text(r['ratio'])} | {r['peer']}{ach} | {r['reference_ratio']:.4g} | "
                      f"{','.join(map(str, r['reference_seeds']))} / "
                      f"{','.join(map(str, r['peer_seeds']))} | {ppl(r.get('wikitext2_ppl'))} | "
                      f"{ppl(r.get('ptb_ppl'))} | {avg(r.get('zero_shot_avg'))} |")
     return "\n".join(lines) + "\n"
+
+
+def ratio_text(ratio: float) -> str:
+    """A requested ratio in a table: two decimals, or as many as it has (0.095 must not read 0.10)."""
+    return f"{ratio:.2f}" if round(ratio, 2) == ratio else f"{ratio:.4g}"
 
 
 def process_cpu_seconds() -> float:
@@ -633,7 +638,7 @@ def seed_table(rows: list[dict]) -> str:
     for r in rows:
         c = r.get("calibration") or {}
         per = " / ".join(f"{v:.2f}" for v in (r.get("wikitext2_ppl") or {}).get("per_seed", {}).values())
-        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {','.join(map(str, r['seeds']))} | "
+        lines.append(f"| {r['name']} | {ratio_text(r['ratio'])} | {','.join(map(str, r['seeds']))} | "
                      f"{c.get('nsamples', '-')} x {c.get('seq_len', '-')} | {cell(r.get('wikitext2_ppl'), '.2f')} | "
                      f"{cell(r.get('ptb_ppl'), '.2f')} | {cell(r.get('zero_shot_avg'), '.4f')} | {per or '-'} |")
     return "\n".join(lines) + "\n"
