@@ -50,7 +50,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp_neurons_only": ("comp", {"layer_fraction": 0.0}),
     "comp_uniform_allocation": ("comp", {"allocation_strength": 0.0}),
     "comp_with_heads": ("comp", {"head_sparsity": None}),
-    "comp_metric_energy": ("comp", {"neuron_metric": "energy"}),
+    "comp_metric_energy": ("comp", {"neuron_metric": "energy"}),  # the default since the full protocol
+    # the neuron criterion that was the default before (its full-protocol rows keep their seeds)
+    "comp_metric_rescale_obs": ("comp", {"neuron_metric": "rescale_obs"}),
+    "comp_metric_rescale_obs_no_mask_tuning": ("comp", {"neuron_metric": "rescale_obs", "mask_tuning": False}),
+    "comp_metric_rescale_obs_mask_local_bias": ("comp", {"neuron_metric": "rescale_obs", "mask_target": "local",
+                                                         "mask_bias": True}),
     "comp_metric_vif": ("comp", {"neuron_metric": "vif"}),
     "comp_metric_compensated": ("comp", {"neuron_metric": "compensated"}),
     "comp_metric_top_eig_energy": ("comp", {"neuron_metric": "top_eig_energy"}),
@@ -419,10 +424,13 @@ def seed_statistics(records: list[dict]) -> list[dict]:
     return out
 
 
-# (variant, reference): the comparisons the seeds exist for - what mask tuning adds, and what its
-# local + bias form adds over the default
+# (variant, reference): the comparisons the seeds exist for - what mask tuning adds, what its local + bias
+# form adds over the default, and the default neuron criterion (energy) against the one before it
 PAIRED = (("comp", "comp_no_mask_tuning"), ("comp_mask_local_bias", "comp_no_mask_tuning"),
-          ("comp_mask_local_bias", "comp"))
+          ("comp_mask_local_bias", "comp"), ("comp", "comp_metric_rescale_obs"),
+          ("comp_metric_rescale_obs", "comp_metric_rescale_obs_no_mask_tuning"),
+          ("comp_metric_rescale_obs_mask_local_bias", "comp_metric_rescale_obs_no_mask_tuning"),
+          ("comp_metric_rescale_obs_mask_local_bias", "comp_metric_rescale_obs"))
 # (metric, effect name, effect of variant v over reference b): positive when the variant is better
 PAIRED_EFFECTS = (("wikitext2_ppl", "wikitext2_ppl_reduction_pct", lambda v, b: 100 * (b - v) / b),
                   ("ptb_ppl", "ptb_ppl_reduction_pct", lambda v, b: 100 * (b - v) / b),

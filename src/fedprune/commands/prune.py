@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-fraction", type=fraction_or_auto, default=None,
                    help="COMP: share of the budget removed as whole layers, in [0, 1], or 'auto'")
     p.add_argument("--neuron-metric", default=None, metavar="{" + ",".join(NEURON_CRITERIA.names()) + "}",
-                   help="COMP: neuron criterion")
+                   help="COMP: neuron criterion (default energy)")
     p.add_argument("--no-mask-tuning", action="store_true", help="COMP: skip mask tuning")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (see the list below), e.g. -o head_sparsity=0 -o batch_size=4")
