@@ -183,3 +183,20 @@ def test_a_peer_that_removes_less_meets_the_smallest_comp_removing_at_least_as_m
 
 def test_requested_ratios_keep_their_digits_in_tables(pb):
     assert [pb.ratio_text(r) for r in (0.2, 0.3, 0.095, 0.1183, 0.0)] == ["0.20", "0.30", "0.095", "0.1183", "0.00"]
+
+
+def test_every_comp_variant_is_a_valid_option_set_and_every_paired_row_exists(pb):
+    """A typo in a variant's options (or a renamed criterion) would only fail hours into a benchmark."""
+    from fedprune.pruning.methods.comp import CompOptions
+
+    for name, (method, opts) in pb.VARIANTS.items():
+        if method == "comp":
+            CompOptions(**opts)  # raises on an unknown option or value
+    for variant, reference in pb.PAIRED:
+        assert variant in pb.VARIANTS and reference in pb.VARIANTS
+    # the rows that keep the previous default's seeds must really differ from today's default
+    assert pb.VARIANTS["comp"] == ("comp", {})
+    assert CompOptions().neuron_metric != pb.VARIANTS["comp_metric_rescale_obs"][1]["neuron_metric"]
+    for name, (_, opts) in pb.VARIANTS.items():
+        if name.startswith("comp_metric_"):
+            assert name.removeprefix("comp_metric_").startswith(opts["neuron_metric"])
