@@ -59,8 +59,8 @@ class CompOptions:
     neuron_metric: str = "energy"
     """One of ``criteria.neuron.NEURON_CRITERIA``. The default is the simplest: on SmolLM2-135M under the
     full protocol (benchmarks/pruning/results/full) the leave-one-out ``rescale_obs`` (the default until
-    then) and the condition-number ``cond_greedy`` stood level with ``energy`` on perplexity and the 7-task
-    average, and ``energy`` prunes in about 60 % of ``rescale_obs``'s time."""
+    then) and the condition-number ``cond_greedy`` were no better than ``energy`` on perplexity or the 7-task
+    average; ``energy`` needs no inverse of the layer's system."""
     mask_tuning: bool = True
     """Recover each pruned layer by mask tuning (one least-squares scale per kept head / channel)."""
     mask_target: str = "local"
